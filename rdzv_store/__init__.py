@@ -3,7 +3,9 @@
 from .errors import QueueEmptyError, StoreConnectionError, StoreError, StoreTimeoutError
 from .hashstore import HashStore
 from .prefixstore import PrefixStore
+from .server import StoreServer
 from .store import DEFAULT_TIMEOUT, Store
+from .tcpstore import TCPStore
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -13,5 +15,7 @@ __all__ = [
     "Store",
     "StoreConnectionError",
     "StoreError",
+    "StoreServer",
     "StoreTimeoutError",
+    "TCPStore",
 ]

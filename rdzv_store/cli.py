@@ -1,0 +1,63 @@
+"""``rdzv-store`` command line: ``serve`` a standalone store, or run the ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from .server import DEFAULT_MAX_CONNECTIONS, StoreServer
+
+__all__ = ["main"]
+
+log = logging.getLogger("rdzv_store.cli")
+
+
+async def _serve(host: str, port: int, max_connections: int) -> None:
+    server = StoreServer(host, port, max_connections=max_connections)
+    await server.start()
+    # One parseable line on stdout, so launchers (and tests) can learn a port chosen with --port 0.
+    print(f"rdzv-store listening on {host} port {server.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: closing %d connection(s)", server.connection_count)
+    await server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rdzv-store", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run a standalone TCPStore server until SIGINT/SIGTERM")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind, and only that (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=29500, help="port (0 picks a free one; default: 29500)")
+    serve.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
+
+    demo = commands.add_parser("demo", help="host a store and run worker processes through a barrier")
+    demo.add_argument("--workers", type=int, default=4)
+
+    worker = commands.add_parser("demo-worker", help=argparse.SUPPRESS)
+    worker.add_argument("--port", type=int, required=True)
+    worker.add_argument("--rank", type=int, required=True)
+    worker.add_argument("--world-size", type=int, required=True)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "serve":
+        asyncio.run(_serve(args.host, args.port, args.max_connections))
+        return 0
+    from . import demo as demo_module
+
+    if args.command == "demo":
+        return demo_module.run_demo(args.workers)
+    return demo_module.run_worker(args.port, args.rank, args.world_size)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Blocking-socket client connection to a TCPStore server (ours or torch's).
+
+One connection, one lock: requests from several threads are serialised, and
+each reply is read before the next request goes out. Unlike torch's client,
+*every* read is bounded: the wait step by its own timeout, all other replies
+by the store timeout. A connection whose reply did not arrive in time is
+closed, because its byte stream can no longer be trusted.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Sequence
+
+from . import protocol as p
+from .errors import StoreConnectionError, StoreTimeoutError, format_ms, wait_timeout
+
+__all__ = ["Connection", "connect_with_retry"]
+
+_Q = p.QueryType
+_RECV = 256 * 1024
+
+
+def connect_with_retry(host: str, port: int, timeout: float) -> socket.socket:
+    """Connect and do torch's handshake (VALIDATE, PING with our pid), retrying until ``timeout``.
+
+    Retries use exponential backoff with full jitter, so thousands of clients
+    started together do not reconnect in lockstep. One attempt is always made,
+    even with ``timeout <= 0``.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            sock = socket.create_connection((host, port), timeout=max(remaining, 1.0))
+        except OSError as exc:
+            error: OSError = exc
+        else:
+            try:
+                _handshake(sock, deadline)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise StoreConnectionError(
+                f"The client socket has timed out after {format_ms(timeout)} while trying to connect to "
+                f"({host}, {port}). Last error: {error}"
+            ) from None
+        time.sleep(min(random.uniform(0, delay), remaining))
+        delay = min(delay * 2, 1.0)
+
+
+def _handshake(sock: socket.socket, deadline: float) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    nonce = os.getpid() & 0xFFFFFFFF
+    # Both in one send: torch's libuv server also accepts them merged in one segment.
+    sock.settimeout(max(deadline - time.monotonic(), 0.5))
+    sock.sendall(p.encode_validate() + p.encode_ping(nonce))
+    echo = b""
+    while len(echo) < 4:
+        chunk = sock.recv(4 - len(echo))
+        if not chunk:
+            raise ConnectionResetError("the server closed the connection during the handshake")
+        echo += chunk
+    if echo != nonce.to_bytes(4, "little"):
+        raise ConnectionError(f"PING failed: sent nonce {nonce}, got {echo.hex()}")
+
+
+class Connection:
+    """A validated connection with request/reply helpers. Thread-safe."""
+
+    def __init__(self, host: str, port: int, timeout: float, limits: p.Limits = p.Limits()) -> None:
+        self.host = host
+        self.port = port
+        self.address = f"{host}:{port}"
+        self.limits = limits
+        self.reply_timeout = 0.0
+        self.set_reply_timeout(timeout)
+        self.lock = threading.RLock()
+        self._decoder = p.StreamDecoder(limits.max_request)
+        self._sock: socket.socket | None = connect_with_retry(host, port, timeout)
+
+    def set_reply_timeout(self, timeout: float) -> None:
+        """Bound for every reply read. A store timeout <= 0 means "do not wait" for waits,
+        not "fail every reply", so it falls back to torch's default of 300 s here."""
+        self.reply_timeout = timeout if timeout > 0 else 300.0
+
+    def close(self) -> None:
+        with self.lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    # -- primitives (caller holds self.lock) -------------------------------------------------
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            raise StoreConnectionError(f"the connection to the store at {self.address} is closed")
+        return self._sock
+
+    def send(self, data: bytes) -> None:
+        sock = self._socket()
+        try:
+            sock.settimeout(self.reply_timeout)
+            sock.sendall(data)
+        except OSError as exc:
+            self.close()
+            raise StoreConnectionError(f"lost the connection to the store at {self.address}: {exc}") from None
+
+    def read(self, parser: p.ReplyParser, timeout: float | None = None) -> object:
+        """Read one reply. On timeout raise ``socket.timeout`` (the caller decides what it means)."""
+        sock = self._socket()
+        deadline = time.monotonic() + (self.reply_timeout if timeout is None else timeout)
+        while True:
+            try:
+                reply = self._decoder.decode(parser)
+            except p.ProtocolError as exc:
+                self.close()
+                raise StoreConnectionError(f"malformed reply from the store at {self.address}: {exc}") from None
+            if reply is not p.NEED_DATA:
+                return reply
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout()
+            try:
+                sock.settimeout(remaining)
+                chunk = sock.recv(_RECV)
+            except socket.timeout:
+                raise
+            except OSError as exc:
+                self.close()
+                raise StoreConnectionError(f"lost the connection to the store at {self.address}: {exc}") from None
+            if not chunk:
+                self.close()
+                raise StoreConnectionError(
+                    f"the store at {self.address} closed the connection (server shut down, or it "
+                    "rejected a request: see the server log)"
+                )
+            self._decoder.feed(chunk)
+
+    def read_reply(self, parser: p.ReplyParser) -> object:
+        """Read a reply that must come promptly; a timeout poisons the connection."""
+        try:
+            return self.read(parser)
+        except socket.timeout:
+            self.close()
+            raise StoreTimeoutError(
+                f"no reply from the store at {self.address} within {format_ms(self.reply_timeout)}"
+            ) from None
+
+    # -- request helpers ---------------------------------------------------------------------
+    def call(self, data: bytes, parser: p.ReplyParser) -> object:
+        with self.lock:
+            self.send(data)
+            return self.read_reply(parser)
+
+    def call_many(self, data: bytes, parsers: Sequence[p.ReplyParser]) -> list[object]:
+        """Send pipelined requests in one write and read their replies in order."""
+        with self.lock:
+            self.send(data)
+            return [self.read_reply(parser) for parser in parsers]
+
+    def wait(self, request: bytes, timeout: float, message_keys: Sequence[bytes], what: str = "wait") -> None:
+        """Send WAIT or BARRIER and block for STOP_WAITING; on timeout, cancel as torch does.
+
+        The cancel dance: send CANCEL_WAIT and read one byte. ``01`` means
+        cancelled; a ``00`` first means the release raced the cancel, and the
+        ``01`` follows. Either way the connection stays usable.
+        """
+        with self.lock:
+            self.send(request)
+            try:
+                self.read(p.parse_u8, timeout=max(timeout, 0.0))
+                return
+            except socket.timeout:
+                pass
+            self.send(p.encode_bare(_Q.CANCEL_WAIT))
+            released = self.read_reply(p.parse_u8) == p.STOP_WAITING
+            if released:
+                self.read_reply(p.parse_u8)  # the WAIT_CANCELED that follows
+                return  # released right at the deadline: that counts as success
+            where = f"TCPStore at {self.address}"
+            if what == "barrier":
+                key = message_keys[0].decode("utf-8", "replace")
+                raise StoreTimeoutError(f"barrier timeout after {format_ms(timeout)}, key: {key} ({where})")
+            raise wait_timeout(message_keys, timeout, where)

@@ -1,0 +1,377 @@
+"""The TCPStore wire protocol of torch 2.13, sans I/O: encoders, parsers and limits.
+
+Nothing here touches a socket. The server and both clients feed received
+bytes into a ``StreamDecoder`` and write the bytes the encoders return.
+
+Format (``../shared/reference/tcpstore-wire.md``): every request is one type
+byte followed by its fields; integers are little-endian; a string (key or
+value) is a ``u64`` length followed by raw bytes. There are no request IDs and
+no error replies: replies come back in request order, and a server that
+cannot handle a request closes the connection.
+
+Why generators: a message parser is written as a generator that *yields the
+number of bytes it needs next* and receives exactly those bytes. The
+``StreamDecoder`` keeps the half-finished generator between reads, so a field
+already parsed is never parsed again. Parsing is linear in the payload, unlike
+torch's libuv server, which re-parses a pending request from its start on
+every 4 KiB read (a 1 MiB compare_set costs 26x a set there). Limits are
+checked as soon as a length prefix is read, before anything is buffered, so a
+peer claiming a gigabyte value costs us nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Union
+
+__all__ = [
+    "MAGIC",
+    "QueryType",
+    "STOP_WAITING",
+    "WAIT_CANCELED",
+    "READY",
+    "NOT_READY",
+    "Limits",
+    "ProtocolError",
+    "NEED_DATA",
+    "StreamDecoder",
+    "Request",
+    "read_request",
+]
+
+MAGIC: Final = 0x3C85F7CE  # VALIDATE's magic number, bytes on the wire: ce f7 85 3c
+
+STOP_WAITING: Final = 0  # WaitResponseType: a WAIT or BARRIER was released
+WAIT_CANCELED: Final = 1  # WaitResponseType: reply to CANCEL_WAIT
+READY: Final = 0  # CheckResponseType
+NOT_READY: Final = 1
+
+
+class QueryType(enum.IntEnum):
+    VALIDATE = 0
+    SET = 1
+    COMPARE_SET = 2
+    GET = 3
+    ADD = 4
+    CHECK = 5
+    WAIT = 6
+    GETNUMKEYS = 7
+    DELETE_KEY = 8
+    APPEND = 9
+    MULTI_GET = 10
+    MULTI_SET = 11
+    CANCEL_WAIT = 12
+    PING = 13
+    QUEUE_PUSH = 14
+    QUEUE_POP = 15
+    QUEUE_LEN = 16
+    LIST_KEYS = 17
+    BARRIER = 18
+
+
+_U8 = struct.Struct("<B")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one peer may make us buffer.
+
+    The first three are torch's libuv limits, so anything torch accepts we
+    accept. ``max_request`` bounds one whole request (a MULTI_SET of many
+    large values) and so the memory one connection can pin.
+    """
+
+    max_key: int = 8192
+    max_value: int = 8 * 1024 * 1024
+    max_keys: int = 131072
+    max_request: int = 64 * 1024 * 1024
+
+
+class ProtocolError(Exception):
+    """The peer sent something we will not parse; the connection must be closed."""
+
+
+# A parser yields the number of bytes it needs and is sent exactly that many.
+Parser = Generator[int, bytes, Any]
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+
+class StreamDecoder:
+    """Feeds a byte stream to parser generators, one message at a time.
+
+    ``feed`` appends received bytes; ``decode(start)`` returns the next
+    complete message, starting a new parser with ``start()`` when none is in
+    progress, or ``NEED_DATA``. ``max_message`` bounds the bytes one message
+    may consume, so a peer cannot make us accumulate an unbounded request.
+    """
+
+    __slots__ = ("_buf", "_pos", "_gen", "_need", "_size", "max_message")
+
+    def __init__(self, max_message: int = Limits.max_request) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._gen: Parser | None = None
+        self._need = 0
+        self._size = 0
+        self.max_message = max_message
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet consumed by a finished field."""
+        return len(self._buf) - self._pos
+
+    @property
+    def in_message(self) -> bool:
+        """True when a message has started but is not complete."""
+        return self._gen is not None or self.buffered > 0
+
+    def decode(self, start: Callable[[], Parser]) -> Any:
+        buf = self._buf
+        gen = self._gen
+        if gen is None:
+            gen = start()
+            self._size = 0
+            try:
+                self._need = next(gen)
+            except StopIteration as done:
+                return done.value
+            self._gen = gen
+        while True:
+            need = self._need
+            pos = self._pos
+            if len(buf) - pos < need:
+                self._compact()
+                return NEED_DATA
+            self._size += need
+            if self._size > self.max_message:
+                raise ProtocolError(f"message larger than {self.max_message} bytes")
+            self._pos = pos + need
+            try:
+                self._need = gen.send(bytes(buf[pos : pos + need]))
+            except StopIteration as done:
+                self._gen = None
+                self._compact()
+                return done.value
+
+    def _compact(self) -> None:
+        # Drop consumed bytes. Deleting a bytearray's prefix is cheap in CPython, but
+        # doing it only when worthwhile keeps pipelined small requests fast.
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > 65536:
+            del self._buf[: self._pos]
+            self._pos = 0
+
+
+# -- field readers (generators) -----------------------------------------------------------------
+
+
+def _read_u64(limit: int, what: str) -> Generator[int, bytes, int]:
+    (n,) = _U64.unpack((yield 8))
+    if n > limit:
+        raise ProtocolError(f"{what} of {n} exceeds the limit of {limit}")
+    return n
+
+
+def _read_bytes(limit: int, what: str) -> Generator[int, bytes, bytes]:
+    n = yield from _read_u64(limit, f"{what} length")
+    return (yield n) if n else b""
+
+
+def _read_i64() -> Generator[int, bytes, int]:
+    return _I64.unpack((yield 8))[0]
+
+
+def _read_many(count: int, limit: int, what: str) -> Generator[int, bytes, list[bytes]]:
+    items = []
+    for _ in range(count):
+        items.append((yield from _read_bytes(limit, what)))
+    return items
+
+
+# -- requests (server side) ---------------------------------------------------------------------
+
+Request = tuple  # (QueryType, *fields); see read_request for the field list of each type
+
+
+def read_request(limits: Limits) -> Parser:
+    """Parse one request into a tuple ``(QueryType, *fields)``.
+
+    Fields: VALIDATE (magic:int), SET/APPEND/QUEUE_PUSH (key, value),
+    COMPARE_SET (key, expected, desired), GET/DELETE_KEY/QUEUE_POP/QUEUE_LEN
+    (key,), ADD (key, delta:int), CHECK/WAIT/MULTI_GET (keys:list),
+    MULTI_SET (keys, values), BARRIER (key, world_size:int), PING (nonce
+    bytes, echoed as is), and none for GETNUMKEYS/CANCEL_WAIT/LIST_KEYS.
+    """
+    op = (yield 1)[0]
+    key = limits.max_key
+    value = limits.max_value
+    if op == QueryType.SET or op == QueryType.APPEND or op == QueryType.QUEUE_PUSH:
+        k = yield from _read_bytes(key, "key")
+        return (op, k, (yield from _read_bytes(value, "value")))
+    if op == QueryType.GET or op == QueryType.DELETE_KEY or op == QueryType.QUEUE_POP or op == QueryType.QUEUE_LEN:
+        return (op, (yield from _read_bytes(key, "key")))
+    if op == QueryType.CHECK or op == QueryType.WAIT or op == QueryType.MULTI_GET:
+        n = yield from _read_u64(limits.max_keys, "key count")
+        return (op, (yield from _read_many(n, key, "key")))
+    if op == QueryType.ADD or op == QueryType.BARRIER:
+        k = yield from _read_bytes(key, "key")
+        return (op, k, (yield from _read_i64()))
+    if op == QueryType.COMPARE_SET:
+        k = yield from _read_bytes(key, "key")
+        expected = yield from _read_bytes(value, "value")
+        return (op, k, expected, (yield from _read_bytes(value, "value")))
+    if op == QueryType.MULTI_SET:
+        n = yield from _read_u64(limits.max_keys, "key count")
+        keys, values = [], []
+        for _ in range(n):
+            keys.append((yield from _read_bytes(key, "key")))
+            values.append((yield from _read_bytes(value, "value")))
+        return (op, keys, values)
+    if op == QueryType.PING:
+        return (op, (yield 4))
+    if op == QueryType.VALIDATE:
+        return (op, _U32.unpack((yield 4))[0])
+    if op == QueryType.GETNUMKEYS or op == QueryType.CANCEL_WAIT or op == QueryType.LIST_KEYS:
+        return (op,)
+    raise ProtocolError(f"unknown request type {op}")
+
+
+# -- request encoders (client side) -------------------------------------------------------------
+
+
+def _str(data: bytes) -> bytes:
+    return _U64.pack(len(data)) + data
+
+
+def _keys(keys: Sequence[bytes]) -> bytes:
+    return _U64.pack(len(keys)) + b"".join(_U64.pack(len(k)) + k for k in keys)
+
+
+def encode_validate() -> bytes:
+    return _U8.pack(QueryType.VALIDATE) + _U32.pack(MAGIC)
+
+
+def encode_ping(nonce: int) -> bytes:
+    return _U8.pack(QueryType.PING) + _U32.pack(nonce & 0xFFFFFFFF)
+
+
+def encode_key_value(op: QueryType, key: bytes, value: bytes) -> bytes:
+    """SET, APPEND and QUEUE_PUSH."""
+    return _U8.pack(op) + _U64.pack(len(key)) + key + _U64.pack(len(value)) + value
+
+
+def encode_key(op: QueryType, key: bytes) -> bytes:
+    """GET, DELETE_KEY, QUEUE_POP and QUEUE_LEN."""
+    return _U8.pack(op) + _U64.pack(len(key)) + key
+
+
+def encode_keys(op: QueryType, keys: Sequence[bytes]) -> bytes:
+    """CHECK, WAIT and MULTI_GET."""
+    return _U8.pack(op) + _keys(keys)
+
+
+def encode_key_int(op: QueryType, key: bytes, number: int) -> bytes:
+    """ADD (delta) and BARRIER (world size)."""
+    return _U8.pack(op) + _U64.pack(len(key)) + key + _I64.pack(number)
+
+
+def encode_compare_set(key: bytes, expected: bytes, desired: bytes) -> bytes:
+    return _U8.pack(QueryType.COMPARE_SET) + _str(key) + _str(expected) + _str(desired)
+
+
+def encode_multi_set(keys: Sequence[bytes], values: Sequence[bytes]) -> bytes:
+    body = b"".join(_str(k) + _str(v) for k, v in zip(keys, values))
+    return _U8.pack(QueryType.MULTI_SET) + _U64.pack(len(keys)) + body
+
+
+def encode_bare(op: QueryType) -> bytes:
+    """GETNUMKEYS, CANCEL_WAIT and LIST_KEYS."""
+    return _U8.pack(op)
+
+
+# -- reply encoders (server side) ---------------------------------------------------------------
+
+
+def reply_u8(value: int) -> bytes:
+    return _U8.pack(value)
+
+
+def reply_i64(value: int) -> bytes:
+    return _I64.pack(value)
+
+
+def reply_bytes(value: bytes) -> bytes:
+    return _U64.pack(len(value)) + value
+
+
+def reply_list(values: Sequence[bytes]) -> bytes:
+    """MULTI_GET: the values back to back; LIST_KEYS prepends an i64 count itself."""
+    return b"".join(_U64.pack(len(v)) + v for v in values)
+
+
+def reply_queue_pop(available: int, value: bytes | None) -> bytes:
+    if value is None:
+        return _I64.pack(0)
+    return _I64.pack(available) + _U64.pack(len(value)) + value
+
+
+# -- reply parsers (client side) ----------------------------------------------------------------
+# A client reads replies from a server it trusts less than torch does: lengths are
+# bounded by the same limits, so a confused server cannot make it allocate gigabytes.
+
+ReplyParser = Callable[[], Parser]
+
+
+def parse_u8() -> Parser:
+    return (yield 1)[0]
+
+
+def parse_i64() -> Parser:
+    return (yield from _read_i64())
+
+
+def parse_u32_raw() -> Parser:
+    return (yield 4)
+
+
+def parse_value(limits: Limits = Limits()) -> Parser:
+    return (yield from _read_bytes(limits.max_value, "value"))
+
+
+def parse_values(count: int, limits: Limits = Limits()) -> Parser:
+    return (yield from _read_many(count, limits.max_value, "value"))
+
+
+def parse_key_list(limits: Limits = Limits()) -> Parser:
+    n = yield from _read_i64()
+    if not 0 <= n <= limits.max_request // 8:
+        raise ProtocolError(f"implausible key count {n} in LIST_KEYS reply")
+    return (yield from _read_many(n, limits.max_key, "key"))
+
+
+def parse_queue_pop(limits: Limits = Limits()) -> Parser:
+    available = yield from _read_i64()
+    if available <= 0:
+        return None
+    return (yield from _read_bytes(limits.max_value, "value"))
+
+
+Reply = Union[int, bytes, list, None]

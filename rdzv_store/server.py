@@ -1,0 +1,381 @@
+"""The asyncio TCPStore server: wire protocol (``protocol``) + semantics (``engine``).
+
+One event loop, one ``asyncio.Protocol`` per connection. Each connection's
+requests are handled in order and each request atomically, because the engine
+is only touched from the loop thread. A client that sends half a request holds
+only its own buffer; nobody else waits for it (torch's legacy server blocks
+everyone).
+
+What we do differently from torch's servers, on purpose:
+
+* bind only the addresses ``host`` resolves to (torch binds every interface,
+  dual-stack ``[::]``, whatever host it is given);
+* never resolve peer names (torch calls ``getnameinfo`` per connection, which
+  stalls 5 s per connection where reverse DNS is slow);
+* listen with a backlog of at least the system's ``somaxconn``;
+* close a connection that sends a malformed, oversize or failing request with
+  one warning naming the peer and the reason; everyone else carries on;
+* cap connections (``max_connections``) and stop reading from a client that
+  does not read its replies (write-buffer backpressure), so memory stays
+  bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from . import protocol as p
+from .engine import Engine, Waiter
+from .errors import StoreConnectionError, format_keys
+
+__all__ = ["StoreServer", "BackgroundServer", "DEFAULT_MAX_CONNECTIONS"]
+
+log = logging.getLogger("rdzv_store.server")
+
+DEFAULT_MAX_CONNECTIONS = 65536
+_Q = p.QueryType
+
+
+def _listen_backlog() -> int:
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            somaxconn = int(f.read())
+    except (OSError, ValueError):
+        somaxconn = socket.SOMAXCONN
+    return max(somaxconn, 4096)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: decode requests, run them on the engine, write replies."""
+
+    def __init__(self, server: StoreServer) -> None:
+        self._server = server
+        self._engine = server.engine
+        self._decoder = p.StreamDecoder(server.limits.max_request)
+        self._start = lambda: p.read_request(server.limits)
+        self._validated = False
+        self._waiters: list[Waiter] = []
+        self._transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._handlers: dict[int, Callable[[Any], bytes | None]] = {
+            _Q.SET: self._set,
+            _Q.GET: self._get,
+            _Q.ADD: self._add,
+            _Q.COMPARE_SET: self._compare_set,
+            _Q.CHECK: self._check,
+            _Q.WAIT: self._wait,
+            _Q.GETNUMKEYS: self._num_keys,
+            _Q.DELETE_KEY: self._delete_key,
+            _Q.APPEND: self._append,
+            _Q.MULTI_GET: self._multi_get,
+            _Q.MULTI_SET: self._multi_set,
+            _Q.CANCEL_WAIT: self._cancel_wait,
+            _Q.PING: self._ping,
+            _Q.QUEUE_PUSH: self._queue_push,
+            _Q.QUEUE_POP: self._queue_pop,
+            _Q.QUEUE_LEN: self._queue_len,
+            _Q.LIST_KEYS: self._list_keys,
+            _Q.BARRIER: self._barrier,
+        }
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if not self._server._admit(self):
+            transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._drop_waiters()
+        self._server._forget(self)
+
+    def pause_writing(self) -> None:
+        # The client is not reading its replies: stop reading its requests until it does.
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        decoder = self._decoder
+        decoder.feed(data)
+        replies: list[bytes] = []
+        try:
+            while True:
+                request = decoder.decode(self._start)
+                if request is p.NEED_DATA:
+                    break
+                reply = self._handle(request)
+                if reply is not None:
+                    replies.append(reply)
+        except (p.ProtocolError, ValueError) as exc:
+            self._flush(replies)
+            self.close(str(exc))
+            return
+        self._flush(replies)
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _flush(self, replies: list[bytes]) -> None:
+        if replies and self._transport is not None:
+            self._transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
+
+    def close(self, reason: str | None = None) -> None:
+        if reason is not None:
+            log.warning("closing connection from %s: %s", self.peer, reason)
+        self._drop_waiters()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _handle(self, request: p.Request) -> bytes | None:
+        op = request[0]
+        if not self._validated:
+            if op != _Q.VALIDATE or request[1] != p.MAGIC:
+                raise p.ProtocolError("the first request must be VALIDATE with torch's magic number")
+            self._validated = True
+            return None
+        handler = self._handlers.get(op)
+        if handler is None:
+            raise p.ProtocolError(f"request type {op} is not allowed after the handshake")
+        return handler(request)
+
+    def _notify(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"\x00")  # STOP_WAITING
+
+    def _register(self, waiter: Waiter | None) -> bytes | None:
+        if waiter is None:
+            return p.reply_u8(p.STOP_WAITING)
+        self._waiters = [w for w in self._waiters if not w.done]
+        self._waiters.append(waiter)
+        return None
+
+    def _drop_waiters(self) -> None:
+        for waiter in self._waiters:
+            self._engine.cancel(waiter)
+        self._waiters.clear()
+
+    # -- handlers ----------------------------------------------------------------------------
+    def _set(self, r: p.Request) -> None:
+        self._engine.set(r[1], r[2])
+
+    def _get(self, r: p.Request) -> bytes:
+        value = self._engine.get(r[1])
+        return p.reply_bytes(b"" if value is None else value)  # libuv: missing -> empty
+
+    def _add(self, r: p.Request) -> bytes:
+        try:
+            return p.reply_i64(self._engine.add(r[1], r[2]))
+        except ValueError as exc:
+            raise ValueError(f"ADD on key {format_keys([r[1]])}: stored value is {exc}") from None
+
+    def _compare_set(self, r: p.Request) -> bytes:
+        return p.reply_bytes(self._engine.compare_set(r[1], r[2], r[3]))
+
+    def _check(self, r: p.Request) -> bytes:
+        return p.reply_u8(p.READY if self._engine.check(r[1]) else p.NOT_READY)
+
+    def _wait(self, r: p.Request) -> bytes | None:
+        return self._register(self._engine.wait(r[1], self._notify))
+
+    def _num_keys(self, r: p.Request) -> bytes:
+        return p.reply_i64(self._engine.num_keys())
+
+    def _delete_key(self, r: p.Request) -> bytes:
+        return p.reply_i64(1 if self._engine.delete(r[1]) else 0)
+
+    def _append(self, r: p.Request) -> None:
+        self._engine.append(r[1], r[2])
+
+    def _multi_get(self, r: p.Request) -> bytes:
+        return p.reply_list([b"" if v is None else v for v in self._engine.multi_get(r[1])])
+
+    def _multi_set(self, r: p.Request) -> None:
+        self._engine.multi_set(r[1], r[2])
+
+    def _cancel_wait(self, r: p.Request) -> bytes:
+        self._drop_waiters()
+        return p.reply_u8(p.WAIT_CANCELED)
+
+    def _ping(self, r: p.Request) -> bytes:
+        return r[1]
+
+    def _queue_push(self, r: p.Request) -> None:
+        self._engine.queue_push(r[1], r[2])
+
+    def _queue_pop(self, r: p.Request) -> bytes:
+        return p.reply_queue_pop(*self._engine.queue_pop(r[1]))
+
+    def _queue_len(self, r: p.Request) -> bytes:
+        return p.reply_i64(self._engine.queue_len(r[1]))
+
+    def _list_keys(self, r: p.Request) -> bytes:
+        keys = self._engine.list_keys()
+        return p.reply_i64(len(keys)) + p.reply_list(keys)
+
+    def _barrier(self, r: p.Request) -> bytes | None:
+        try:
+            return self._register(self._engine.barrier(r[1], r[2], self._notify))
+        except ValueError as exc:
+            raise ValueError(f"BARRIER on key {format_keys([r[1]])}: stored value is {exc}") from None
+
+
+class StoreServer:
+    """The TCPStore server, to embed in a running asyncio loop.
+
+    >>> server = StoreServer("127.0.0.1", 0)
+    >>> await server.start()          # binds; server.port is the bound port
+    >>> await server.close()          # blocked clients get StoreConnectionError at once
+
+    ``host`` is resolved and *only* its addresses are bound ("localhost" binds
+    127.0.0.1 and ::1; "0.0.0.0"/"::" bind every interface, which you must
+    ask for). ``sock`` adopts an already-bound socket instead (torch's
+    ``master_listen_fd``).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        limits: p.Limits = p.Limits(),
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.host = host
+        self._requested_port = port
+        self.limits = limits
+        self.max_connections = max_connections
+        self.engine = Engine()
+        self._sock = sock
+        self._servers: list[asyncio.AbstractServer] = []
+        self._connections: set[_Connection] = set()
+        self._cap_warned = False
+        self.port = port
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [s.getsockname()[:2] for srv in self._servers for s in srv.sockets]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        socks = [self._sock] if self._sock is not None else self._bind()
+        backlog = _listen_backlog()
+        for sock in socks:
+            sock.setblocking(False)
+            server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=backlog)
+            self._servers.append(server)
+        self.port = socks[0].getsockname()[1]
+        log.info("store server listening on %s", ", ".join(f"{h}:{pt}" for h, pt in self.addresses))
+
+    def _bind(self) -> list[socket.socket]:
+        try:
+            infos = socket.getaddrinfo(
+                self.host or None, self._requested_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except socket.gaierror as exc:
+            raise StoreConnectionError(f"cannot resolve the server host {self.host!r}: {exc}") from None
+        socks: list[socket.socket] = []
+        port = self._requested_port
+        seen = set()
+        try:
+            for family, type_, proto, _, addr in infos:
+                if (family, addr[0]) in seen:
+                    continue
+                seen.add((family, addr[0]))
+                sock = socket.socket(family, type_, proto)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                # With port 0, every address must share the port the first bind picked.
+                sock.bind((addr[0], port, *addr[2:]))
+                port = sock.getsockname()[1]
+        except OSError as exc:
+            for sock in socks:
+                sock.close()
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise StoreConnectionError(
+                "The server socket has failed to listen on any local network address. "
+                f"host: {self.host}, port: {self._requested_port}: {reason}"
+            ) from exc
+        return socks
+
+    async def close(self) -> None:
+        """Stop listening and close every connection; blocked clients see EOF immediately."""
+        for server in self._servers:
+            server.close()
+        for conn in list(self._connections):
+            conn.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    async def serve_forever(self) -> None:
+        if not self._servers:
+            await self.start()
+        await asyncio.gather(*(s.serve_forever() for s in self._servers))
+
+    def _admit(self, conn: _Connection) -> bool:
+        if len(self._connections) >= self.max_connections:
+            if not self._cap_warned:
+                log.warning(
+                    "connection limit reached (%d): refusing %s and further connections until some close",
+                    self.max_connections,
+                    conn.peer,
+                )
+                self._cap_warned = True
+            return False
+        self._cap_warned = False
+        self._connections.add(conn)
+        return True
+
+    def _forget(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+
+
+class BackgroundServer:
+    """A ``StoreServer`` on its own event-loop thread, for ``TCPStore(is_master=True)``."""
+
+    def __init__(self, server: StoreServer) -> None:
+        self.server = server
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rdzv-store-server", daemon=True)
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(server.start(), self._loop).result()
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.close(), self._loop).result(timeout=10)
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()

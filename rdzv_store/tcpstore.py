@@ -1,0 +1,254 @@
+"""``TCPStore``: torch's constructor and methods over our blocking client (and server).
+
+Keys are sent as ``"/" + key``, exactly as torch's client does, so torch and
+rdzv_store clients share keys on one server; ``init/`` (the worker count) is
+unprefixed, as in torch. ``is_master=True`` runs a ``StoreServer`` on a
+background thread of this process.
+
+Faster than torch where the protocol allows it: ``get``/``multi_get`` of keys
+that already exist take one round trip (CHECK and GET pipelined) instead of
+torch's WAIT-then-GET. That relies on the libuv rule that a GET of a missing
+key answers an empty value; with ``use_libuv=False`` (torch's legacy server,
+which drops the connection instead) we fall back to torch's two round trips.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import weakref
+from datetime import timedelta
+
+from . import protocol as p
+from .args import Timeout, timeout_seconds
+from .client import Connection
+from .errors import QueueEmptyError, StoreConnectionError, StoreTimeoutError, format_keys
+from .server import BackgroundServer, StoreServer
+from .store import DEFAULT_TIMEOUT, Store
+
+__all__ = ["TCPStore"]
+
+_Q = p.QueryType
+_INIT_KEY = b"init/"
+_PREFIX = b"/"
+
+# multi_tenant=True: one server per port per process, shared by reference count.
+_tenants: dict[int, tuple[BackgroundServer, int]] = {}
+_tenants_lock = threading.Lock()
+
+
+def _release_server(server: BackgroundServer | None, port: int, multi_tenant: bool) -> None:
+    if server is None:
+        return
+    if multi_tenant:
+        with _tenants_lock:
+            entry = _tenants.get(port)
+            if entry is not None and entry[0] is server:
+                if entry[1] > 1:
+                    _tenants[port] = (server, entry[1] - 1)
+                    return
+                del _tenants[port]
+    server.stop()
+
+
+class TCPStore(Store):
+    """A client of a TCPStore server, optionally hosting that server (``is_master=True``).
+
+    Same signature as ``torch.distributed.TCPStore``. Differences: the server
+    binds only ``host_name``'s addresses; every read is bounded by the store
+    timeout; errors name the address; a timeout <= 0 checks once instead of
+    waiting (torch: "wait forever" for negative values); ``close()`` and the
+    context manager stop an owned server deterministically.
+    """
+
+    def __init__(
+        self,
+        host_name: str,
+        port: int,
+        world_size: int | None = None,
+        is_master: bool = False,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        wait_for_workers: bool = True,
+        multi_tenant: bool = False,
+        master_listen_fd: int | None = None,
+        use_libuv: bool = True,
+    ) -> None:
+        super().__init__(timeout)
+        if world_size == 0:
+            raise ValueError("TCPStore world size cannot be 0")
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
+        self.host = host_name
+        self._use_libuv = bool(use_libuv)  # use_libuv=None selects torch's legacy rules, as in torch
+        self._world_size = world_size
+        self._server: BackgroundServer | None = None
+        self._multi_tenant = multi_tenant
+        self.port = port
+        if is_master:
+            self._server = self._start_server(host_name, port, multi_tenant, master_listen_fd)
+            if self._server is not None:
+                self.port = self._server.port
+        self._finalizer = weakref.finalize(self, _release_server, self._server, self.port, multi_tenant)
+        try:
+            self._conn = Connection(host_name, self.port, self._timeout_s)
+            if world_size is not None and wait_for_workers:
+                self._add_raw(_INIT_KEY, 1)
+                if self._server is not None:
+                    self._wait_for_workers(world_size)
+        except BaseException:
+            self._finalizer()
+            raise
+
+    # -- server ownership --------------------------------------------------------------------
+    @staticmethod
+    def _start_server(
+        host: str, port: int, multi_tenant: bool, listen_fd: int | None
+    ) -> BackgroundServer | None:
+        if multi_tenant and port:
+            with _tenants_lock:
+                entry = _tenants.get(port)
+                if entry is not None:
+                    _tenants[port] = (entry[0], entry[1] + 1)
+                    return entry[0]
+        sock = socket.socket(fileno=listen_fd) if listen_fd is not None else None
+        try:
+            server = BackgroundServer(StoreServer(host, port, sock=sock))
+        except StoreConnectionError:
+            # torch's agent-store rule: the elastic agent already hosts the store on MASTER_PORT.
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() in ("1", "true")
+            if agent_store and os.environ.get("MASTER_PORT") == str(port):
+                return None
+            raise
+        if multi_tenant and port:
+            with _tenants_lock:
+                _tenants[port] = (server, 1)
+        return server
+
+    def _wait_for_workers(self, world_size: int) -> None:
+        deadline = time.monotonic() + self._timeout_s
+        joined = 0
+        while True:
+            joined = int(self._conn.call(p.encode_key(_Q.GET, _INIT_KEY), p.parse_value) or b"0")
+            if joined >= world_size:
+                return
+            if time.monotonic() >= deadline:
+                raise StoreTimeoutError(
+                    f"Timed out after {int(self._timeout_s)} seconds waiting for clients. "
+                    f"{joined}/{world_size} clients joined. (TCPStore at {self._conn.address})"
+                )
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        """Close the connection and, if this object hosts the server, stop it."""
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            conn.close()
+        self._finalizer()
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def libuvBackend(self) -> bool:  # noqa: N802 - torch's name
+        return self._use_libuv
+
+    def has_extended_api(self) -> bool:
+        return True
+
+    def clone(self) -> TCPStore:
+        return TCPStore(
+            self.host,
+            self.port,
+            timeout=timedelta(seconds=self._timeout_s),
+            wait_for_workers=False,
+            use_libuv=self._use_libuv,
+        )
+
+    def __repr__(self) -> str:
+        role = "master" if self._server is not None else "client"
+        return f"TCPStore(host={self.host!r}, port={self.port}, {role})"
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _set(self, key: bytes, value: bytes) -> None:
+        with self._conn.lock:
+            self._conn.send(p.encode_key_value(_Q.SET, _PREFIX + key, value))
+
+    def _get(self, key: bytes, timeout: float) -> bytes:
+        return self._multi_get([key], timeout)[0]
+
+    def _multi_get(self, keys: list[bytes], timeout: float) -> list[bytes]:
+        raw = [_PREFIX + k for k in keys]
+        count = len(raw)
+        if self._use_libuv:
+            check, values = self._conn.call_many(
+                p.encode_keys(_Q.CHECK, raw) + p.encode_keys(_Q.MULTI_GET, raw),
+                [p.parse_u8, lambda: p.parse_values(count)],
+            )
+            if check == p.READY:
+                return values  # type: ignore[return-value]
+        self._conn.wait(p.encode_keys(_Q.WAIT, raw), timeout, raw)
+        return self._conn.call(p.encode_keys(_Q.MULTI_GET, raw), lambda: p.parse_values(count))  # type: ignore[return-value]
+
+    def _add(self, key: bytes, amount: int) -> int:
+        return self._add_raw(_PREFIX + key, amount)
+
+    def _add_raw(self, raw_key: bytes, amount: int) -> int:
+        return self._conn.call(p.encode_key_int(_Q.ADD, raw_key, amount), p.parse_i64)  # type: ignore[return-value]
+
+    def _compare_set(self, key: bytes, expected: bytes, desired: bytes) -> bytes:
+        return self._conn.call(p.encode_compare_set(_PREFIX + key, expected, desired), p.parse_value)  # type: ignore[return-value]
+
+    def _delete_key(self, key: bytes) -> bool:
+        return self._conn.call(p.encode_key(_Q.DELETE_KEY, _PREFIX + key), p.parse_i64) == 1
+
+    def _check(self, keys: list[bytes]) -> bool:
+        raw = [_PREFIX + k for k in keys]
+        return self._conn.call(p.encode_keys(_Q.CHECK, raw), p.parse_u8) == p.READY
+
+    def _wait(self, keys: list[bytes], timeout: float) -> None:
+        raw = [_PREFIX + k for k in keys]
+        self._conn.wait(p.encode_keys(_Q.WAIT, raw), timeout, raw)
+
+    def _num_keys(self) -> int:
+        return self._conn.call(p.encode_bare(_Q.GETNUMKEYS), p.parse_i64)  # type: ignore[return-value]
+
+    def _multi_set(self, keys: list[bytes], values: list[bytes]) -> None:
+        with self._conn.lock:
+            self._conn.send(p.encode_multi_set([_PREFIX + k for k in keys], values))
+
+    def _append(self, key: bytes, value: bytes) -> None:
+        with self._conn.lock:
+            self._conn.send(p.encode_key_value(_Q.APPEND, _PREFIX + key, value))
+
+    def _list_keys(self) -> list[bytes]:
+        keys: list[bytes] = self._conn.call(p.encode_bare(_Q.LIST_KEYS), p.parse_key_list)  # type: ignore[assignment]
+        return [k[1:] for k in keys if k.startswith(_PREFIX)]
+
+    def _barrier(self, key: bytes, world_size: int, timeout: float) -> None:
+        self._conn.wait(p.encode_key_int(_Q.BARRIER, _PREFIX + key, world_size), timeout, [key], "barrier")
+
+    def _require_queues(self) -> None:
+        if not self._use_libuv:
+            raise NotImplementedError("queues not implemented on legacy TCPStore backend")
+
+    def _queue_push(self, key: bytes, value: bytes) -> None:
+        self._require_queues()
+        with self._conn.lock:
+            self._conn.send(p.encode_key_value(_Q.QUEUE_PUSH, _PREFIX + key, value))
+
+    def _queue_pop(self, key: bytes, block: bool, timeout: float) -> bytes:
+        self._require_queues()
+        if block:
+            self._wait([key], timeout)
+        value = self._conn.call(p.encode_key(_Q.QUEUE_POP, _PREFIX + key), p.parse_queue_pop)
+        if value is None:
+            raise QueueEmptyError(f"queue is empty (key {format_keys([_PREFIX + key])}, TCPStore at {self._conn.address})")
+        return value  # type: ignore[return-value]
+
+    def _queue_len(self, key: bytes) -> int:
+        self._require_queues()
+        return self._conn.call(p.encode_key(_Q.QUEUE_LEN, _PREFIX + key), p.parse_i64)  # type: ignore[return-value]
+
+    def set_timeout(self, timeout: Timeout) -> None:
+        super().set_timeout(timeout)
+        self._conn.set_reply_timeout(timeout_seconds(timeout))
