@@ -1,6 +1,7 @@
 """rdzv_store: torch-free, wire- and file-compatible c10d key-value stores."""
 
 from .errors import QueueEmptyError, StoreConnectionError, StoreError, StoreTimeoutError
+from .filestore import FileStore
 from .hashstore import HashStore
 from .prefixstore import PrefixStore
 from .server import StoreServer
@@ -9,6 +10,7 @@ from .tcpstore import TCPStore
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "FileStore",
     "HashStore",
     "PrefixStore",
     "QueueEmptyError",
