@@ -18,6 +18,23 @@ What we do differently from torch's servers, on purpose:
 * cap connections (``max_connections``) and stop reading from a client that
   does not read its replies (write-buffer backpressure), so memory stays
   bounded.
+
+Memory bounds, decided here (see ``StoreServer`` for the parameters):
+
+* one incomplete request may hold at most ``limits.max_request`` bytes
+  (checked as each length prefix is read, before anything is buffered);
+* all incomplete requests together may hold at most ``max_buffered`` bytes;
+  the connection whose bytes would cross that budget is closed (one warning);
+* replies: a batch of pipelined requests is answered in slices of
+  ``_REPLY_BATCH`` bytes, and reading stops as soon as the client's write
+  buffer is over the high-water mark, so cheap requests with big replies
+  (pipelined GETs of one large value) cannot pile up replies; a single
+  MULTI_GET reply may not exceed ``max_reply`` bytes (its keys may repeat, so
+  a 1 MiB request could otherwise ask for a terabyte);
+* a connection stuck *in the middle of* a request (no byte for
+  ``request_timeout`` seconds, while we are reading) is closed. Connections
+  idle *between* requests are never timed out: torch workers legitimately
+  sit idle for hours. Dead peers are found by TCP keepalive instead.
 """
 
 from __future__ import annotations
@@ -34,11 +51,17 @@ from . import protocol as p
 from .engine import Engine, Waiter
 from .errors import StoreConnectionError, format_keys
 
-__all__ = ["StoreServer", "BackgroundServer", "DEFAULT_MAX_CONNECTIONS"]
+__all__ = ["StoreServer", "BackgroundServer", "DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_BUFFERED", "DEFAULT_REQUEST_TIMEOUT"]
 
 log = logging.getLogger("rdzv_store.server")
 
 DEFAULT_MAX_CONNECTIONS = 65536
+DEFAULT_MAX_BUFFERED = 1 << 30  # 1 GiB of incomplete requests, all connections together
+DEFAULT_REQUEST_TIMEOUT = 300.0  # torch's default store timeout: its client has given up by then
+_REPLY_BATCH = 1 << 20  # flush replies (and check backpressure) every MiB of a pipelined batch
+# TCP keepalive on accepted sockets: a peer whose host died is dropped after ~2 min of silence
+# (idle + interval * count), while a live idle peer answers the probes and is kept forever.
+_KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
 _Q = p.QueryType
 
 
@@ -63,6 +86,10 @@ class _Connection(asyncio.Protocol):
         self._waiters: list[Waiter] = []
         self._transport: asyncio.Transport | None = None
         self.peer = "?"
+        self._paused = False  # reading paused because the client does not read its replies
+        self._rx = 0  # bytes received, to tell a stalled request from a slow one
+        self._held = 0  # bytes of an incomplete request, counted in server.buffered
+        self._stall: asyncio.TimerHandle | None = None
         self._handlers: dict[int, Callable[[Any], bytes | None]] = {
             _Q.SET: self._set,
             _Q.GET: self._get,
@@ -92,24 +119,46 @@ class _Connection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if not self._server._admit(self):
             transport.abort()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                for name, value in _KEEPALIVE:
+                    if hasattr(socket, name):
+                        sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+            except OSError:
+                pass
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._held:
+            log.warning("connection from %s lost in the middle of a request (%d bytes received)", self.peer, self._held)
         self._drop_waiters()
+        self._release()
         self._server._forget(self)
 
     def pause_writing(self) -> None:
         # The client is not reading its replies: stop reading its requests until it does.
+        self._paused = True
         if self._transport is not None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._paused = False
         if self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
+            if self._decoder.buffered or self._held:
+                self._process()  # requests that arrived while we stopped answering
 
     def data_received(self, data: bytes) -> None:
+        self._rx += len(data)
+        self._decoder.feed(data)
+        self._process()
+
+    def _process(self) -> None:
         decoder = self._decoder
-        decoder.feed(data)
         replies: list[bytes] = []
+        size = 0
         try:
             while True:
                 request = decoder.decode(self._start)
@@ -118,11 +167,62 @@ class _Connection(asyncio.Protocol):
                 reply = self._handle(request)
                 if reply is not None:
                     replies.append(reply)
+                    size += len(reply)
+                    if size >= _REPLY_BATCH:
+                        self._flush(replies)  # may pause us (pause_writing)
+                        replies = []
+                        size = 0
+                        if self._paused:
+                            break  # the rest stays in the decoder until resume_writing
         except (p.ProtocolError, ValueError) as exc:
             self._flush(replies)
             self.close(str(exc))
             return
         self._flush(replies)
+        # Bytes held by an incomplete request (the decoder's buffer plus the fields its
+        # parser already consumed). Zero after every complete request: one check then.
+        held = decoder.buffered + decoder._size
+        if held or self._held:
+            self._account(held)
+
+    # -- incomplete requests: server-wide budget and stall timeout ---------------------------
+    def _account(self, held: int) -> None:
+        server = self._server
+        server.buffered += held - self._held
+        self._held = held
+        if not held:
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+            return
+        if server.buffered > server.max_buffered:
+            self.close(
+                f"server-wide budget for incomplete requests ({server.max_buffered} bytes) exhausted; "
+                f"this connection holds {held} bytes of an incomplete request"
+            )
+            return
+        if self._stall is None and server.request_timeout is not None and self._transport is not None:
+            loop = asyncio.get_running_loop()
+            self._stall = loop.call_later(server.request_timeout, self._check_stall, self._rx)
+
+    def _check_stall(self, rx_then: int) -> None:
+        self._stall = None
+        if not self._held or self._transport is None or self._transport.is_closing():
+            return
+        timeout = self._server.request_timeout
+        assert timeout is not None
+        if self._paused or self._rx != rx_then:  # our fault, or the client is still sending
+            self._stall = asyncio.get_running_loop().call_later(timeout, self._check_stall, self._rx)
+            return
+        self.close(f"incomplete request ({self._held} bytes) and nothing received for {timeout:g} s")
+
+    def _release(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        if self._held:
+            self._server.buffered -= self._held
+            self._held = 0
 
     # -- plumbing ----------------------------------------------------------------------------
     def _flush(self, replies: list[bytes]) -> None:
@@ -133,6 +233,7 @@ class _Connection(asyncio.Protocol):
         if reason is not None:
             log.warning("closing connection from %s: %s", self.peer, reason)
         self._drop_waiters()
+        self._release()
         if self._transport is not None:
             self._transport.close()
 
@@ -197,7 +298,12 @@ class _Connection(asyncio.Protocol):
         self._engine.append(r[1], r[2])
 
     def _multi_get(self, r: p.Request) -> bytes:
-        return p.reply_list([b"" if v is None else v for v in self._engine.multi_get(r[1])])
+        values = [b"" if v is None else v for v in self._engine.multi_get(r[1])]
+        if len(values) > 1:
+            size = sum(map(len, values))
+            if size > self._server.max_reply:
+                raise ValueError(f"MULTI_GET reply of {size} bytes exceeds the limit of {self._server.max_reply}")
+        return p.reply_list(values)
 
     def _multi_set(self, r: p.Request) -> None:
         self._engine.multi_set(r[1], r[2])
@@ -240,6 +346,22 @@ class StoreServer:
     127.0.0.1 and ::1; "0.0.0.0"/"::" bind every interface, which you must
     ask for). ``sock`` adopts an already-bound socket instead (torch's
     ``master_listen_fd``).
+
+    Resource bounds (each violation closes only the offending connection, with
+    one warning naming the peer):
+
+    * ``limits``: sizes of keys, values, key counts and one request;
+    * ``max_connections``: further connections are accepted and closed at
+      once, with one warning each time the cap is first hit;
+    * ``max_buffered`` (default 1 GiB): bytes of incomplete requests over all
+      connections; with ``limits.max_request`` this bounds what half-sent
+      requests can pin, whatever the number of connections;
+    * ``max_reply`` (default ``limits.max_request``): one MULTI_GET reply;
+    * ``request_timeout`` (default 300 s, ``None`` disables): a connection
+      that has sent part of a request and then nothing for that long is
+      closed (it is checked at that interval, so the close comes between one
+      and two timeouts after the last byte). Idle connections between
+      requests are never closed.
     """
 
     def __init__(
@@ -250,11 +372,18 @@ class StoreServer:
         limits: p.Limits = p.Limits(),
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         sock: socket.socket | None = None,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+        max_reply: int | None = None,
+        request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         self.host = host
         self._requested_port = port
         self.limits = limits
         self.max_connections = max_connections
+        self.max_buffered = max_buffered
+        self.max_reply = limits.max_request if max_reply is None else max_reply
+        self.request_timeout = request_timeout
+        self.buffered = 0  # bytes held by incomplete requests, all connections
         self.engine = Engine()
         self._sock = sock
         self._servers: list[asyncio.AbstractServer] = []
