@@ -1,0 +1,221 @@
+"""TCPStore figures with one or a few clients: small-op latency, get, compare_set vs set+check, 8 clients.
+
+"ours" = our client to our server, "torch" = torch's client to torch's
+(libuv) server, each server a fresh process started for the figure.
+Repetitions alternate the order of the two, so slow drift on the shared
+2-core machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Any
+
+from .common import Budget, close_client, make_client, server, summarize
+from .workers import run_forked
+
+KIB = 1024
+MIB = 1024 * 1024
+
+SMALL_OPS = ["set+check", "add", "compare_set", "check", "get"]
+
+
+def _order(impls: list[str], rep: int) -> list[str]:
+    return impls if rep % 2 == 0 else list(reversed(impls))
+
+
+def _timed(fn: Any, budget: Budget) -> dict[str, float]:
+    """Run ``fn`` under ``budget``; return ops/s and p50/p99 latency in µs."""
+    samples = []
+    clock = time.perf_counter_ns
+    start = clock()
+    for _ in budget.loop():
+        t = clock()
+        fn()
+        samples.append(clock() - t)
+    total = clock() - start
+    samples.sort()
+    n = len(samples)
+    return {
+        "ops_per_s": n / (total / 1e9),
+        "p50_us": samples[n // 2] / 1e3,
+        "p99_us": samples[min(n - 1, int(n * 0.99))] / 1e3,
+        "ops": n,
+    }
+
+
+def _ops(store: Any, value: bytes, tag: str) -> dict[str, Any]:
+    """The measured operations on ``store``; compare_set alternates two values so every call succeeds."""
+    other = b"\x01" + value[1:] if value[:1] != b"\x01" else b"\x02" + value[1:]
+    sc, cas, g, n = f"sc{tag}", f"cas{tag}", f"g{tag}", f"n{tag}"
+    store.set(sc, value)
+    store.set(cas, value)
+    store.set(g, value)
+    state = [value, other]
+
+    def set_check() -> None:
+        store.set(sc, value)
+        store.check([sc])
+
+    def compare_set() -> None:
+        store.compare_set(cas, state[0], state[1])
+        state.reverse()
+
+    return {
+        "set+check": set_check,
+        "add": lambda: store.add(n, 1),
+        "compare_set": compare_set,
+        "check": lambda: store.check([sc]),
+        "get": lambda: store.get(g),
+    }
+
+
+def _collect(raw: dict[str, dict[str, list[dict]]]) -> dict[str, Any]:
+    """{impl: {op: [per-rep dicts]}} -> {op: {impl: {metric: summary}}}."""
+    out: dict[str, Any] = {}
+    for impl, per_op in raw.items():
+        for op, reps in per_op.items():
+            out.setdefault(op, {})[impl] = {
+                metric: summarize([r[metric] for r in reps]) for metric in ("ops_per_s", "p50_us", "p99_us")
+            }
+    return out
+
+
+def small_ops(impls: list[str], reps: int, budget: Budget) -> dict[str, Any]:
+    """Figures 1 and 2: sequential small ops and get, 1 KiB values, one client."""
+    value = bytes(range(256)) * 4
+    raw: dict[str, dict[str, list[dict]]] = {impl: {op: [] for op in SMALL_OPS} for impl in impls}
+    with contextlib.ExitStack() as stack:
+        servers = {impl: stack.enter_context(server(impl)) for impl in impls}
+        for rep in range(reps):
+            for impl in _order(impls, rep):
+                store = make_client(impl, servers[impl].port)
+                try:
+                    ops = _ops(store, value, str(rep))
+                    for op in SMALL_OPS:
+                        for _ in range(min(50, budget.count)):  # warm-up
+                            ops[op]()
+                        raw[impl][op].append(_timed(ops[op], budget))
+                finally:
+                    close_client(store)
+    return _collect(raw)
+
+
+def cas_sweep(impls: list[str], reps: int, sizes: list[int], budget: Budget) -> dict[str, Any]:
+    """Figure 3: compare_set vs set+check by value size (p50 ms per op)."""
+    raw: dict[str, dict[str, list[dict]]] = {impl: {} for impl in impls}
+    with contextlib.ExitStack() as stack:
+        servers = {impl: stack.enter_context(server(impl)) for impl in impls}
+        for rep in range(reps):
+            for impl in _order(impls, rep):
+                store = make_client(impl, servers[impl].port)
+                try:
+                    for size in sizes:
+                        value = (bytes(range(256)) * (size // 256 + 1))[:size]
+                        ops = _ops(store, value, f"{rep}_{size}")
+                        for op in ("set+check", "compare_set"):
+                            ops[op]()  # warm-up
+                            raw[impl].setdefault(f"{op}@{size}", []).append(_timed(ops[op], budget))
+                finally:
+                    close_client(store)
+    out: dict[str, Any] = {}
+    for impl, per in raw.items():
+        for name, reps_ in per.items():
+            op, size = name.split("@")
+            cell = out.setdefault(size, {}).setdefault(impl, {})
+            cell[op] = summarize([r["p50_us"] / 1e3 for r in reps_])  # ms
+        for size in out:
+            cell = out[size].get(impl)
+            if cell and "compare_set" in cell and cell["set+check"]["median"]:
+                # the ratio per repetition, then its median
+                ratios = [c["p50_us"] / s["p50_us"] for c, s in zip(per[f"compare_set@{size}"], per[f"set+check@{size}"])]
+                cell["cas_over_set"] = summarize(ratios)
+    return out
+
+
+# -- 8 clients -------------------------------------------------------------------------------
+
+
+def _client_loop(store: Any, key: str, value: bytes, go: Any, seconds: float) -> int:
+    go.wait()
+    deadline = time.monotonic() + seconds
+    count = 0
+    while time.monotonic() < deadline:
+        store.set(key, value)
+        store.get(key)
+        count += 2
+    return count
+
+
+def _proc_worker(index: int, ready: Any, go: Any, impl: str, port: int, value: bytes, seconds: float) -> int:
+    store = make_client(impl, port)
+    try:
+        store.set(f"own{index}", value)
+        ready.release()
+        return _client_loop(store, f"own{index}", value, go, seconds)
+    finally:
+        close_client(store)
+
+
+def _aggregate_threads(impl: str, port: int, clients: int, value: bytes, seconds: float) -> tuple[float, list[int]]:
+    stores = [make_client(impl, port) for _ in range(clients)]
+    go = threading.Event()
+    counts = [0] * clients
+
+    def run(i: int) -> None:
+        counts[i] = _client_loop(stores[i], f"own{i}", value, go, seconds)
+
+    try:
+        for i, store in enumerate(stores):
+            store.set(f"own{i}", value)
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(clients)]
+        for t in threads:
+            t.start()
+        t0 = time.monotonic()
+        go.set()
+        for t in threads:
+            t.join(timeout=seconds + 30)
+        elapsed = time.monotonic() - t0
+    finally:
+        go.set()
+        for store in stores:
+            close_client(store)
+    return sum(counts) / elapsed, counts
+
+
+def aggregate(impls: list[str], reps: int, clients: int, seconds: float) -> dict[str, Any]:
+    """Figure 4: aggregate ops/s of ``clients`` clients looping set(own key, 1 KiB) + get(own key)."""
+    value = bytes(range(256)) * 4
+    raw: dict[str, dict[str, list[float]]] = {impl: {"threads": [], "processes": []} for impl in impls}
+    fairness: dict[str, dict[str, list[float]]] = {impl: {"threads": [], "processes": []} for impl in impls}
+    for rep in range(reps):
+        for impl in _order(impls, rep):
+            with server(impl) as srv:
+                rate, counts = _aggregate_threads(impl, srv.port, clients, value, seconds)
+                raw[impl]["threads"].append(rate)
+                fairness[impl]["threads"].append(_fair(counts))
+            with server(impl) as srv:
+                t0, counts = run_forked(_proc_worker, clients, (impl, srv.port, value, seconds), timeout=seconds + 60)
+                elapsed = time.monotonic() - t0
+                ok = [c for c in counts if isinstance(c, int)]
+                if len(ok) == clients:
+                    # every worker ran exactly `seconds` after the common start
+                    raw[impl]["processes"].append(sum(ok) / seconds)
+                    fairness[impl]["processes"].append(_fair(ok))
+                del elapsed
+    out: dict[str, Any] = {}
+    for impl in impls:
+        for mode in ("threads", "processes"):
+            out.setdefault(mode, {})[impl] = {
+                "ops_per_s": summarize(raw[impl][mode]),
+                "fairness_max_dev": summarize(fairness[impl][mode]),
+            }
+    return out
+
+
+def _fair(counts: list[int]) -> float:
+    """Largest relative deviation of one client's op count from the mean."""
+    mean = sum(counts) / len(counts) if counts else 0
+    return max(abs(c - mean) / mean for c in counts) if mean else 0.0

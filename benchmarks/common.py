@@ -1,0 +1,369 @@
+"""Shared plumbing for the benchmarks: statistics, server processes, the DNS shim, machine info.
+
+Every server runs as a separate, fresh process (ours: ``python -m rdzv_store
+serve``; torch's: ``benchmarks/_procs.py torch-serve``). Every process we
+start is killed in a ``finally``; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import importlib.util
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+HOST = "127.0.0.1"
+SHIM_SOURCE = HERE / "getnameinfo_shim.c"
+SHIM_ENV = "RDZV_BENCH_SHIM"  # set (to the .so path) once the shim is preloaded
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted, non-empty sequence."""
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """Median across repetitions, min/max, and the anchors' spread: half of (max-min)/median."""
+    vals = [v for v in values if v is not None and v == v]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "spread": None, "n": 0, "values": []}
+    med = statistics.median(vals)
+    spread = (max(vals) - min(vals)) / 2 / med if med else 0.0
+    return {"median": med, "min": min(vals), "max": max(vals), "spread": spread, "n": len(vals), "values": vals}
+
+
+def ratio(ours: dict | None, theirs: dict | None) -> float | None:
+    if not ours or not theirs or not ours.get("median") or not theirs.get("median"):
+        return None
+    return ours["median"] / theirs["median"]
+
+
+@dataclass
+class Budget:
+    """Bounds for one timed loop: at most ``count`` iterations or ``seconds``, at least ``minimum``."""
+
+    count: int
+    seconds: float
+    minimum: int = 3
+
+    def loop(self) -> Iterator[int]:
+        deadline = time.perf_counter() + self.seconds
+        for i in range(self.count):
+            if i >= self.minimum and time.perf_counter() > deadline:
+                return
+            yield i
+
+
+# -- the reverse-DNS shim --------------------------------------------------------------------
+
+
+def build_shim() -> str | None:
+    """Compile the getnameinfo shim (cached by source hash); None if gcc is unavailable."""
+    source = SHIM_SOURCE.read_bytes()
+    digest = hashlib.sha256(source).hexdigest()[:12]
+    out = Path(tempfile.gettempdir()) / f"rdzv-bench-getnameinfo-{digest}.so"
+    if out.exists():
+        return str(out)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        subprocess.run(
+            ["gcc", "-shared", "-fPIC", "-O2", "-o", str(tmp), str(SHIM_SOURCE), "-ldl"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    os.replace(tmp, out)
+    return str(out)
+
+
+def reexec_with_shim() -> None:
+    """Re-exec this process with the shim in LD_PRELOAD (LD_PRELOAD only acts at exec time).
+
+    Servers and workers are children, so they inherit it. Does nothing if the
+    shim is already active or cannot be built (the results then say so).
+    """
+    if os.environ.get(SHIM_ENV):
+        return
+    shim = build_shim()
+    if shim is None:
+        os.environ[SHIM_ENV] = ""
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(x for x in (shim, env.get("LD_PRELOAD", "")) if x)
+    env[SHIM_ENV] = shim
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]], env)
+
+
+def shim_status() -> str:
+    shim = os.environ.get(SHIM_ENV)
+    if shim and shim in os.environ.get("LD_PRELOAD", ""):
+        return f"active (LD_PRELOAD={shim})"
+    return "not active (gcc missing or --no-shim): torch's servers/clients may reverse-resolve peers"
+
+
+# -- server processes ------------------------------------------------------------------------
+
+
+@dataclass
+class ServerProc:
+    impl: str
+    proc: subprocess.Popen
+    port: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.proc.pid)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _read_port(proc: subprocess.Popen, pattern: str, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    buf = b""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with code {proc.returncode}: {buf.decode(errors='replace')}")
+        try:
+            chunk = proc.stdout.read()
+        except BlockingIOError:
+            chunk = None
+        if chunk:
+            buf += chunk
+            m = re.search(pattern.encode(), buf)
+            if m:
+                return int(m.group(1))
+        time.sleep(0.01)
+    raise TimeoutError(f"server did not report its port within {timeout} s: {buf!r}")
+
+
+def start_server(impl: str, timeout: float = 60.0) -> ServerProc:
+    """Start a fresh server process: ``ours`` (rdzv_store serve) or ``torch`` (libuv TCPStore)."""
+    if impl == "ours":
+        cmd = [sys.executable, "-m", "rdzv_store", "--log-level", "WARNING", "serve", "--host", HOST, "--port", "0",
+               "--max-connections", "65536"]
+        pattern = r"listening on \S+ port (\d+)"
+    elif impl == "torch":
+        cmd = [sys.executable, str(HERE / "_procs.py"), "torch-serve"]
+        pattern = r"port (\d+)"
+    else:
+        raise ValueError(impl)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env(),
+                            start_new_session=True)
+    try:
+        port = _read_port(proc, pattern, timeout)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return ServerProc(impl, proc, port)
+
+
+def start_master(impl: str, port: int, world_size: int, timeout: float = 60.0) -> subprocess.Popen:
+    """A torch-style master in its own process: TCPStore(is_master=True, world_size, wait_for_workers=True).
+
+    It prints ``returned <time.monotonic()>`` when its constructor returns. Returns once ``port``
+    accepts connections, so the caller can start the clients right away.
+    """
+    cmd = [sys.executable, str(HERE / "_procs.py"), f"{impl}-master", str(port), str(world_size)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env(),
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"master exited early with code {proc.returncode}")
+        try:
+            with socket.create_connection((HOST, port), timeout=1.0):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                stop_process(proc)
+                raise TimeoutError("master did not start listening") from None
+            time.sleep(0.02)
+    return proc
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout=timeout)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@contextlib.contextmanager
+def server(impl: str) -> Iterator[ServerProc]:
+    srv = start_server(impl)
+    try:
+        yield srv
+    finally:
+        stop_process(srv.proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+# -- clients ---------------------------------------------------------------------------------
+
+
+def make_client(impl: str, port: int, timeout_s: float = 120.0, **kwargs: Any) -> Any:
+    """A TCPStore client: ``ours`` (rdzv_store) or ``torch`` (torch's C++ client)."""
+    from datetime import timedelta
+
+    if impl == "torch":
+        from torch.distributed import TCPStore
+    else:
+        from rdzv_store import TCPStore
+    kwargs.setdefault("wait_for_workers", False)
+    return TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=timeout_s), **kwargs)
+
+
+def close_client(store: Any) -> None:
+    close = getattr(store, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
+
+
+# -- machine ---------------------------------------------------------------------------------
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return "?"
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) // 1024} MiB"
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host_cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "somaxconn": _read("/proc/sys/net/core/somaxconn"),
+        "nofile": _nofile(),
+        "loadavg_start": _read("/proc/loadavg"),
+        "dns_shim": shim_status(),
+    }
+    try:
+        import rdzv_store
+
+        info["rdzv_store"] = getattr(rdzv_store, "__version__", None) or _pkg_version("rdzv-store")
+    except Exception:  # pragma: no cover
+        info["rdzv_store"] = "?"
+    info["git"] = _git_rev()
+    info["torch"] = _pkg_version("torch") if torch_available() else None
+    for name in ("uvloop", "filelock", "matplotlib"):
+        info[name] = _pkg_version(name)
+    return info
+
+
+def _nofile() -> str:
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return f"{soft}/{hard}"
+    except Exception:  # pragma: no cover
+        return "?"
+
+
+def _pkg_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return None
+
+
+def _git_rev() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "rdzv_store"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("+dirty(rdzv_store)" if dirty else "")
+    except Exception:
+        return "?"
+
+
+def raise_nofile(target: int = 20000) -> None:
+    with contextlib.suppress(Exception):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = min(max(soft, target), hard)
+        if want > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
