@@ -1,0 +1,43 @@
+"""rdzv_backend: torch's elastic rendezvous backend layer over c10d stores, without torch.
+
+* :mod:`rdzv_backend.api`: :class:`RendezvousParameters` and the rendezvous errors;
+* :mod:`rdzv_backend.utils`: endpoint and ``--rdzv-conf`` parsing, the ``is_host`` guess;
+* :mod:`rdzv_backend.c10d`: :class:`C10dRendezvousBackend`, which keeps rendezvous state
+  in a c10d store exactly as torch 2.13 does, and :func:`create_backend`.
+
+Everything is importable from this package too, private helpers included
+(``_parse_rendezvous_config``, ``_matches_machine_hostname``), as torch's tests import them.
+"""
+
+from .api import (
+    RendezvousClosedError,
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousGracefulExitError,
+    RendezvousParameters,
+    RendezvousStateError,
+    RendezvousTimeoutError,
+)
+from .c10d import DEFAULT_PORT, C10dRendezvousBackend, RendezvousBackend, Token, create_backend
+from .utils import (
+    _matches_machine_hostname,
+    _parse_rendezvous_config,
+    _try_parse_port,
+    parse_rendezvous_endpoint,
+)
+
+__all__ = [
+    "DEFAULT_PORT",
+    "C10dRendezvousBackend",
+    "RendezvousBackend",
+    "RendezvousClosedError",
+    "RendezvousConnectionError",
+    "RendezvousError",
+    "RendezvousGracefulExitError",
+    "RendezvousParameters",
+    "RendezvousStateError",
+    "RendezvousTimeoutError",
+    "Token",
+    "create_backend",
+    "parse_rendezvous_endpoint",
+]
