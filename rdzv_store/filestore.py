@@ -57,8 +57,10 @@ POLL_MAX_S = 0.002
 LOCKED_RECHECK_S = 0.05
 #: Bytes read per ``pread`` when catching up (a larger record is read in one go).
 _CHUNK = 1 << 20
-#: How many times one operation follows the path to a new file before giving up.
-_MAX_FOLLOW = 64
+#: How many times one operation follows the path to a new file before giving up. Each
+#: follow means another instance compacted in the meantime (or, when opening, deleted the
+#: file at its last close), so this is only a guard against livelock.
+_MAX_FOLLOW = 10_000
 
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
 
@@ -107,6 +109,9 @@ class _FileLog:
         self.base_size = 0  # file size after the last compaction or reopen (auto-compaction)
         self.owner_pid = os.getpid()
         self.closed = False
+        # Set once the path stops naming our file other than by compaction: every later
+        # operation fails with the same reason instead of silently using another file.
+        self.lost: tuple[type[StoreError], str] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def join(self) -> None:
@@ -168,12 +173,13 @@ class _FileLog:
                 if os.getpid() != self.owner_pid:
                     return  # a forked child's copy: the parent owns this reference
                 self._locked("close", True, self._leave)
-            except _FileGone:
-                pass  # torch's rule: a file that is already gone is left alone
-            except (StoreError, OSError):
-                if raise_errors:
+            except StoreError:
+                if self.lost is not None:
+                    pass  # torch's rule: a file that is gone (or is not ours any more) is left alone
+                elif raise_errors:
                     raise
-                _logger.warning("FileStore %s: cleanup at close failed", self.path, exc_info=True)
+                else:
+                    _logger.warning("FileStore %s: cleanup at close failed", self.path, exc_info=True)
             finally:
                 if self.fd >= 0:
                     try:
@@ -242,6 +248,9 @@ class _FileLog:
 
     def _acquire(self, exclusive: bool, op: str) -> tuple[int, os.stat_result]:
         """Lock our descriptor and return it with the path's ``stat``, following compactions."""
+        if self.lost is not None:
+            kind, why = self.lost
+            raise kind(f"FileStore {self.path}: {op} failed: {why}")
         lock = self.locking.exclusive if exclusive else self.locking.shared
         for _ in range(_MAX_FOLLOW):
             if self.fd < 0:
@@ -260,15 +269,17 @@ class _FileLog:
                 self.locking.unlock(fd)
                 raise
             self.locking.unlock(fd)
-            os.close(fd)
-            self.fd = -1
+            self._drop(fd)
             if st is None:
-                raise _FileGone(f"FileStore {self.path}: {op} failed: the file was removed while the store was open")
-            if not compacted:
-                raise StoreError(
-                    f"FileStore {self.path}: {op} failed: the file was replaced by a different file "
-                    "while the store was open (deleted and created again?)"
+                self.lost = (_FileGone, "the file was removed while the store was open")
+            elif not compacted:
+                self.lost = (
+                    StoreError,
+                    "the file was replaced by a different file while the store was open (deleted and created again?)",
                 )
+            if self.lost is not None:
+                kind, why = self.lost
+                raise kind(f"FileStore {self.path}: {op} failed: {why}")
             # Compacted by another instance: the next round opens the new file.
         raise StoreError(f"FileStore {self.path}: {op} failed: the file kept being replaced")
 
@@ -276,9 +287,8 @@ class _FileLog:
         try:
             fd = os.open(self.abspath, _OPEN_FLAGS)
         except FileNotFoundError:
-            raise _FileGone(
-                f"FileStore {self.path}: {op} failed: the file was removed while the store was open"
-            ) from None
+            self.lost = (_FileGone, "the file was removed while the store was open")
+            raise _FileGone(f"FileStore {self.path}: {op} failed: {self.lost[1]}") from None
         try:
             st = os.fstat(fd)
         except BaseException:
