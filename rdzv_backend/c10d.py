@@ -252,6 +252,7 @@ def _create_tcp_store(params: RendezvousParameters) -> Store:
 
 
 def _create_file_store(params: RendezvousParameters) -> Store:
+    made_temp_file = not params.endpoint
     if params.endpoint:
         # The endpoint of a file store is the path of its file, verbatim.
         path = params.endpoint
@@ -270,6 +271,10 @@ def _create_file_store(params: RendezvousParameters) -> Store:
     try:
         return FileStore(path)
     except _STORE_FAILURES as exc:
+        if made_temp_file:
+            # Nobody else knows the name: do not leave it behind.
+            with contextlib.suppress(OSError):
+                os.remove(path)
         raise RendezvousConnectionError(_CONNECTION_FAILED) from exc
 
 
@@ -307,7 +312,6 @@ def create_backend(params: RendezvousParameters) -> tuple[C10dRendezvousBackend,
     # launcher can point several processes at.
     store_type = params.get("store_type", "tcp").strip().lower()
 
-    store: Store | None = None
     try:
         if store_type == "file":
             store = _create_file_store(params)
@@ -315,15 +319,23 @@ def create_backend(params: RendezvousParameters) -> tuple[C10dRendezvousBackend,
             store = _create_tcp_store(params)
         else:
             raise ValueError("Invalid store type given. Currently only supports file and tcp.")
+    except Exception as exc:
+        _log_failure(exc)
+        raise
 
+    try:
         backend = C10dRendezvousBackend(store, params.run_id)
     except Exception as exc:
-        logger.debug("Creating the C10d rendezvous backend failed: %s: %s", type(exc).__name__, exc)
-        # torch leaves a store it made (possibly a running server) to the
+        _log_failure(exc)
+        # torch leaves the store it made (possibly a running server) to the
         # garbage collector; we release it now.
-        if store is not None:
-            with contextlib.suppress(Exception):
-                store.close()
+        with contextlib.suppress(Exception):
+            store.close()
         raise
 
     return backend, store
+
+
+def _log_failure(exc: Exception) -> None:
+    # torch records a FAILED rendezvous event here; we have no event system, so we log.
+    logger.debug("Creating the C10d rendezvous backend failed: %s: %s", type(exc).__name__, exc)

@@ -673,3 +673,32 @@ def test_mkstemp_failure_is_a_rendezvous_error() -> None:
     assert str(info.value) == "The file creation for C10d store has failed. See inner exception for details."
     assert type(info.value) is RendezvousError
     assert info.value.__cause__ is error
+
+
+def test_temp_file_is_removed_when_the_file_store_fails() -> None:
+    issued: list[str] = []
+    real_mkstemp = tempfile.mkstemp
+
+    def spy_mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, path = real_mkstemp(*args, **kwargs)
+        issued.append(path)
+        return fd, path
+
+    with (
+        mock.patch("tempfile.mkstemp", side_effect=spy_mkstemp),
+        mock.patch.object(c10d, "FileStore", side_effect=RuntimeError("cannot open")),
+        pytest.raises(RendezvousConnectionError, match=CONNECTION_MSG),
+    ):
+        create_backend(params("", store_type="file"))
+    assert len(issued) == 1 and not os.path.exists(issued[0])
+
+
+def test_a_given_file_is_never_removed_on_failure(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    path.write_bytes(b"")
+    with (
+        mock.patch.object(c10d, "FileStore", side_effect=RuntimeError("cannot open")),
+        pytest.raises(RendezvousConnectionError),
+    ):
+        create_backend(params(str(path), store_type="file"))
+    assert path.exists()
