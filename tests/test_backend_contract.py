@@ -602,6 +602,17 @@ def test_tcp_two_backends_share_one_state() -> None:
         host_store.close()
 
 
+def test_tcp_two_hosts_in_one_process_share_one_server() -> None:
+    # multi_tenant=True: a second "host" in the same process joins the first one's server.
+    port = get_free_port()
+    first, first_store = create_backend(params(f"127.0.0.1:{port}", is_host=True))
+    with first_store:
+        second, second_store = create_backend(params(f"127.0.0.1:{port}", is_host=True))
+        with second_store:
+            _, token, _ = first.set_state(b"x")  # type: ignore[misc]
+            assert second.get_state() == (b"x", token)
+
+
 def test_tcp_explicit_host_on_a_served_port_fails() -> None:
     with TCPStore("127.0.0.1", 0, is_master=True) as server:
         with pytest.raises(RendezvousConnectionError, match=CONNECTION_MSG) as info:
