@@ -159,7 +159,10 @@ class C10dRendezvousBackend(RendezvousBackend):
         c10d's ``compare_set`` does not say whether it wrote, so success is
         judged as torch does: the value now stored equals what we wanted to
         store. Writing bytes identical to the current state therefore reports
-        True whatever the token.
+        True whatever the token, and two writers racing to store the same
+        bytes are both told they won. If that matters, make each writer's
+        state distinct (the dynamic rendezvous state is: it names its nodes
+        and carries their heartbeats).
         """
         base64_state = b64encode(state)
 
