@@ -90,6 +90,9 @@ class _Connection(asyncio.Protocol):
         self._rx = 0  # bytes received, to tell a stalled request from a slow one
         self._held = 0  # bytes of an incomplete request, counted in server.buffered
         self._stall: asyncio.TimerHandle | None = None
+        # The replies of the batch being processed; a STOP_WAITING released by a request of
+        # this same batch must queue behind the replies before it, not jump ahead of them.
+        self._out: list[bytes] | None = None
         self._handlers: dict[int, Callable[[Any], bytes | None]] = {
             _Q.SET: self._set,
             _Q.GET: self._get,
@@ -158,6 +161,7 @@ class _Connection(asyncio.Protocol):
     def _process(self) -> None:
         decoder = self._decoder
         replies: list[bytes] = []
+        self._out = replies
         size = 0
         try:
             while True:
@@ -170,14 +174,16 @@ class _Connection(asyncio.Protocol):
                     size += len(reply)
                     if size >= _REPLY_BATCH:
                         self._flush(replies)  # may pause us (pause_writing)
-                        replies = []
+                        replies = self._out = []
                         size = 0
                         if self._paused:
                             break  # the rest stays in the decoder until resume_writing
         except (p.ProtocolError, ValueError) as exc:
+            self._out = None
             self._flush(replies)
             self.close(str(exc))
             return
+        self._out = None
         self._flush(replies)
         # Bytes held by an incomplete request (the decoder's buffer plus the fields its
         # parser already consumed). Zero after every complete request: one check then.
@@ -250,7 +256,9 @@ class _Connection(asyncio.Protocol):
         return handler(request)
 
     def _notify(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
+        if self._out is not None:
+            self._out.append(b"\x00")  # released by a request of our own batch: keep the order
+        elif self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"\x00")  # STOP_WAITING
 
     def _register(self, waiter: Waiter | None) -> bytes | None:
