@@ -15,13 +15,14 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
+from . import commands
 from . import protocol as p
 from .errors import StoreConnectionError, StoreTimeoutError, format_ms, wait_timeout
 
 __all__ = ["Connection", "connect_with_retry"]
 
-_Q = p.QueryType
 _RECV = 256 * 1024
 
 
@@ -159,18 +160,22 @@ class Connection:
             ) from None
 
     # -- request helpers ---------------------------------------------------------------------
-    def call(self, data: bytes, parser: p.ReplyParser) -> object:
+    def call(self, command: tuple[bytes, p.ReplyParser | None]) -> Any:
+        """Send one command; read its reply unless it is fire-and-forget."""
+        data, parser = command
         with self.lock:
             self.send(data)
-            return self.read_reply(parser)
+            return None if parser is None else self.read_reply(parser)
 
-    def call_many(self, data: bytes, parsers: Sequence[p.ReplyParser]) -> list[object]:
+    def call_many(self, data: bytes, parsers: Sequence[p.ReplyParser]) -> list[Any]:
         """Send pipelined requests in one write and read their replies in order."""
         with self.lock:
             self.send(data)
             return [self.read_reply(parser) for parser in parsers]
 
-    def wait(self, request: bytes, timeout: float, message_keys: Sequence[bytes], what: str = "wait") -> None:
+    def wait(
+        self, command: tuple[bytes, p.ReplyParser | None], timeout: float, message_keys: Sequence[bytes], what: str = "wait"
+    ) -> None:
         """Send WAIT or BARRIER and block for STOP_WAITING; on timeout, cancel as torch does.
 
         The cancel dance: send CANCEL_WAIT and read one byte. ``01`` means
@@ -178,13 +183,13 @@ class Connection:
         ``01`` follows. Either way the connection stays usable.
         """
         with self.lock:
-            self.send(request)
+            self.send(command[0])
             try:
                 self.read(p.parse_u8, timeout=max(timeout, 0.0))
                 return
             except socket.timeout:
                 pass
-            self.send(p.encode_bare(_Q.CANCEL_WAIT))
+            self.send(commands.cancel_wait()[0])
             released = self.read_reply(p.parse_u8) == p.STOP_WAITING
             if released:
                 self.read_reply(p.parse_u8)  # the WAIT_CANCELED that follows

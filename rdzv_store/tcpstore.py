@@ -21,18 +21,14 @@ import time
 import weakref
 from datetime import timedelta
 
-from . import protocol as p
+from . import commands as cmd
 from .args import Timeout, timeout_seconds
 from .client import Connection
-from .errors import QueueEmptyError, StoreConnectionError, StoreTimeoutError, format_keys
+from .errors import QueueEmptyError, StoreConnectionError, StoreTimeoutError
 from .server import BackgroundServer, StoreServer
 from .store import DEFAULT_TIMEOUT, Store
 
 __all__ = ["TCPStore"]
-
-_Q = p.QueryType
-_INIT_KEY = b"init/"
-_PREFIX = b"/"
 
 # multi_tenant=True: one server per port per process, shared by reference count.
 _tenants: dict[int, tuple[BackgroundServer, int]] = {}
@@ -94,7 +90,7 @@ class TCPStore(Store):
         try:
             self._conn = Connection(host_name, self.port, self._timeout_s)
             if world_size is not None and wait_for_workers:
-                self._add_raw(_INIT_KEY, 1)
+                self._conn.call(cmd.add_raw(cmd.INIT_KEY, 1))
                 if self._server is not None:
                     self._wait_for_workers(world_size)
         except BaseException:
@@ -130,7 +126,7 @@ class TCPStore(Store):
         deadline = time.monotonic() + self._timeout_s
         joined = 0
         while True:
-            joined = int(self._conn.call(p.encode_key(_Q.GET, _INIT_KEY), p.parse_value) or b"0")
+            joined = int(self._conn.call(cmd.get_raw(cmd.INIT_KEY)) or b"0")
             if joined >= world_size:
                 return
             if time.monotonic() >= deadline:
@@ -168,64 +164,50 @@ class TCPStore(Store):
         role = "master" if self._server is not None else "client"
         return f"TCPStore(host={self.host!r}, port={self.port}, {role})"
 
-    # -- hooks -------------------------------------------------------------------------------
+    # -- hooks: each is one command from ``commands`` ----------------------------------------
     def _set(self, key: bytes, value: bytes) -> None:
-        with self._conn.lock:
-            self._conn.send(p.encode_key_value(_Q.SET, _PREFIX + key, value))
+        self._conn.call(cmd.set_(key, value))
 
     def _get(self, key: bytes, timeout: float) -> bytes:
         return self._multi_get([key], timeout)[0]
 
     def _multi_get(self, keys: list[bytes], timeout: float) -> list[bytes]:
-        raw = [_PREFIX + k for k in keys]
-        count = len(raw)
         if self._use_libuv:
-            check, values = self._conn.call_many(
-                p.encode_keys(_Q.CHECK, raw) + p.encode_keys(_Q.MULTI_GET, raw),
-                [p.parse_u8, lambda: p.parse_values(count)],
-            )
-            if check == p.READY:
-                return values  # type: ignore[return-value]
-        self._conn.wait(p.encode_keys(_Q.WAIT, raw), timeout, raw)
-        return self._conn.call(p.encode_keys(_Q.MULTI_GET, raw), lambda: p.parse_values(count))  # type: ignore[return-value]
+            ready, values = self._conn.call_many(*cmd.check_then_multi_get(keys))
+            if ready:
+                return values
+        self._wait(keys, timeout)
+        return self._conn.call(cmd.multi_get(keys))
 
     def _add(self, key: bytes, amount: int) -> int:
-        return self._add_raw(_PREFIX + key, amount)
-
-    def _add_raw(self, raw_key: bytes, amount: int) -> int:
-        return self._conn.call(p.encode_key_int(_Q.ADD, raw_key, amount), p.parse_i64)  # type: ignore[return-value]
+        return self._conn.call(cmd.add(key, amount))
 
     def _compare_set(self, key: bytes, expected: bytes, desired: bytes) -> bytes:
-        return self._conn.call(p.encode_compare_set(_PREFIX + key, expected, desired), p.parse_value)  # type: ignore[return-value]
+        return self._conn.call(cmd.compare_set(key, expected, desired))
 
     def _delete_key(self, key: bytes) -> bool:
-        return self._conn.call(p.encode_key(_Q.DELETE_KEY, _PREFIX + key), p.parse_i64) == 1
+        return self._conn.call(cmd.delete_key(key))
 
     def _check(self, keys: list[bytes]) -> bool:
-        raw = [_PREFIX + k for k in keys]
-        return self._conn.call(p.encode_keys(_Q.CHECK, raw), p.parse_u8) == p.READY
+        return self._conn.call(cmd.check(keys))
 
     def _wait(self, keys: list[bytes], timeout: float) -> None:
-        raw = [_PREFIX + k for k in keys]
-        self._conn.wait(p.encode_keys(_Q.WAIT, raw), timeout, raw)
+        self._conn.wait(cmd.wait(keys), timeout, [cmd.PREFIX + k for k in keys])
 
     def _num_keys(self) -> int:
-        return self._conn.call(p.encode_bare(_Q.GETNUMKEYS), p.parse_i64)  # type: ignore[return-value]
+        return self._conn.call(cmd.num_keys())
 
     def _multi_set(self, keys: list[bytes], values: list[bytes]) -> None:
-        with self._conn.lock:
-            self._conn.send(p.encode_multi_set([_PREFIX + k for k in keys], values))
+        self._conn.call(cmd.multi_set(keys, values))
 
     def _append(self, key: bytes, value: bytes) -> None:
-        with self._conn.lock:
-            self._conn.send(p.encode_key_value(_Q.APPEND, _PREFIX + key, value))
+        self._conn.call(cmd.append(key, value))
 
     def _list_keys(self) -> list[bytes]:
-        keys: list[bytes] = self._conn.call(p.encode_bare(_Q.LIST_KEYS), p.parse_key_list)  # type: ignore[assignment]
-        return [k[1:] for k in keys if k.startswith(_PREFIX)]
+        return self._conn.call(cmd.list_keys())
 
     def _barrier(self, key: bytes, world_size: int, timeout: float) -> None:
-        self._conn.wait(p.encode_key_int(_Q.BARRIER, _PREFIX + key, world_size), timeout, [key], "barrier")
+        self._conn.wait(cmd.barrier(key, world_size), timeout, [key], "barrier")
 
     def _require_queues(self) -> None:
         if not self._use_libuv:
@@ -233,21 +215,20 @@ class TCPStore(Store):
 
     def _queue_push(self, key: bytes, value: bytes) -> None:
         self._require_queues()
-        with self._conn.lock:
-            self._conn.send(p.encode_key_value(_Q.QUEUE_PUSH, _PREFIX + key, value))
+        self._conn.call(cmd.queue_push(key, value))
 
     def _queue_pop(self, key: bytes, block: bool, timeout: float) -> bytes:
         self._require_queues()
         if block:
             self._wait([key], timeout)
-        value = self._conn.call(p.encode_key(_Q.QUEUE_POP, _PREFIX + key), p.parse_queue_pop)
+        value = self._conn.call(cmd.queue_pop(key))
         if value is None:
-            raise QueueEmptyError(f"queue is empty (key {format_keys([_PREFIX + key])}, TCPStore at {self._conn.address})")
-        return value  # type: ignore[return-value]
+            raise QueueEmptyError(f"queue is empty (key /{key.decode('utf-8', 'replace')}, TCPStore at {self._conn.address})")
+        return value
 
     def _queue_len(self, key: bytes) -> int:
         self._require_queues()
-        return self._conn.call(p.encode_key(_Q.QUEUE_LEN, _PREFIX + key), p.parse_i64)  # type: ignore[return-value]
+        return self._conn.call(cmd.queue_len(key))
 
     def set_timeout(self, timeout: Timeout) -> None:
         super().set_timeout(timeout)

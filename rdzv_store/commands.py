@@ -1,0 +1,129 @@
+"""What each client operation sends and how its reply is read: shared by both clients.
+
+``TCPStore`` (blocking) and ``AsyncTCPStore`` (asyncio) differ only in how they
+move bytes. Everything torch-specific about a client call lives here once:
+the ``"/"`` prefix on user keys (so torch clients and ours share keys), the
+request encoding, and a reply parser that returns the final Python value.
+A command is ``(request_bytes, reply_parser)``; ``reply_parser`` is ``None``
+for torch's fire-and-forget requests (SET, APPEND, MULTI_SET, QUEUE_PUSH).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import protocol as p
+
+__all__ = ["PREFIX", "INIT_KEY", "Command"]
+
+PREFIX = b"/"  # torch's TCPStore client prefixes every user key with "/"
+INIT_KEY = b"init/"  # the worker count of world_size/wait_for_workers; unprefixed, as in torch
+
+_Q = p.QueryType
+Command = tuple[bytes, "p.ReplyParser | None"]
+
+
+def _then(parser: p.ReplyParser, fn: Callable[[Any], Any]) -> p.ReplyParser:
+    def start() -> p.Parser:
+        return fn((yield from parser()))
+
+    return start
+
+
+def _raw(keys: Sequence[bytes]) -> list[bytes]:
+    return [PREFIX + k for k in keys]
+
+
+def set_(key: bytes, value: bytes) -> Command:
+    return p.encode_key_value(_Q.SET, PREFIX + key, value), None
+
+
+def append(key: bytes, value: bytes) -> Command:
+    return p.encode_key_value(_Q.APPEND, PREFIX + key, value), None
+
+
+def multi_set(keys: Sequence[bytes], values: Sequence[bytes]) -> Command:
+    return p.encode_multi_set(_raw(keys), values), None
+
+
+def queue_push(key: bytes, value: bytes) -> Command:
+    return p.encode_key_value(_Q.QUEUE_PUSH, PREFIX + key, value), None
+
+
+def add_raw(raw_key: bytes, amount: int) -> Command:
+    return p.encode_key_int(_Q.ADD, raw_key, amount), p.parse_i64
+
+
+def add(key: bytes, amount: int) -> Command:
+    return add_raw(PREFIX + key, amount)
+
+
+def get_raw(raw_key: bytes) -> Command:
+    return p.encode_key(_Q.GET, raw_key), p.parse_value
+
+
+def compare_set(key: bytes, expected: bytes, desired: bytes) -> Command:
+    return p.encode_compare_set(PREFIX + key, expected, desired), p.parse_value
+
+
+def delete_key(key: bytes) -> Command:
+    return p.encode_key(_Q.DELETE_KEY, PREFIX + key), _then(p.parse_i64, lambda n: n == 1)
+
+
+def check(keys: Sequence[bytes]) -> Command:
+    return p.encode_keys(_Q.CHECK, _raw(keys)), _then(p.parse_u8, lambda r: r == p.READY)
+
+
+def wait(keys: Sequence[bytes]) -> Command:
+    """The reply (STOP_WAITING) may come much later; clients handle it with a timeout."""
+    return p.encode_keys(_Q.WAIT, _raw(keys)), p.parse_u8
+
+
+def barrier(key: bytes, world_size: int) -> Command:
+    return p.encode_key_int(_Q.BARRIER, PREFIX + key, world_size), p.parse_u8
+
+
+def cancel_wait() -> Command:
+    return p.encode_bare(_Q.CANCEL_WAIT), p.parse_u8
+
+
+def ping(nonce: int) -> Command:
+    return p.encode_ping(nonce), p.parse_u32_raw
+
+
+def multi_get(keys: Sequence[bytes]) -> Command:
+    count = len(keys)
+    return p.encode_keys(_Q.MULTI_GET, _raw(keys)), lambda: p.parse_values(count)
+
+
+def check_then_multi_get(keys: Sequence[bytes]) -> tuple[bytes, list[p.ReplyParser]]:
+    """CHECK and MULTI_GET pipelined: one round trip for keys that exist.
+
+    Only valid against libuv-rule servers (ours, torch's default), which answer
+    a GET of a missing key with an empty value; torch's legacy server drops the
+    connection instead, so legacy clients use WAIT then MULTI_GET.
+    """
+    check_req, check_parser = check(keys)
+    get_req, get_parser = multi_get(keys)
+    assert check_parser is not None and get_parser is not None
+    return check_req + get_req, [check_parser, get_parser]
+
+
+def num_keys() -> Command:
+    return p.encode_bare(_Q.GETNUMKEYS), p.parse_i64
+
+
+def list_keys() -> Command:
+    # torch's client shows only keys written through the TCPStore API ("/"-prefixed).
+    strip = _then(p.parse_key_list, lambda keys: [k[1:] for k in keys if k.startswith(PREFIX)])
+    return p.encode_bare(_Q.LIST_KEYS), strip
+
+
+def queue_pop(key: bytes) -> Command:
+    """Reply: the head value, or ``None`` when the queue was empty."""
+    return p.encode_key(_Q.QUEUE_POP, PREFIX + key), p.parse_queue_pop
+
+
+def queue_len(key: bytes) -> Command:
+    return p.encode_key(_Q.QUEUE_LEN, PREFIX + key), p.parse_i64
