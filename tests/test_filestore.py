@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from test_filestore_worker import Peer, PeerError
+from test_filestore_worker import Peer
 
 from rdzv_store import FileStore, PrefixStore, StoreError, StoreTimeoutError, filelog
 from rdzv_store import filestore as filestore_module
