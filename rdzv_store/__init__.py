@@ -1,5 +1,6 @@
 """rdzv_store: torch-free, wire- and file-compatible c10d key-value stores."""
 
+from .async_client import AsyncTCPStore
 from .errors import QueueEmptyError, StoreConnectionError, StoreError, StoreTimeoutError
 from .filestore import FileStore
 from .hashstore import HashStore
@@ -9,6 +10,7 @@ from .store import DEFAULT_TIMEOUT, Store
 from .tcpstore import TCPStore
 
 __all__ = [
+    "AsyncTCPStore",
     "DEFAULT_TIMEOUT",
     "FileStore",
     "HashStore",

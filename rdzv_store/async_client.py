@@ -1,0 +1,358 @@
+"""``AsyncTCPStore``: the TCPStore operations as coroutines, for asyncio launchers.
+
+Same wire protocol and commands (``commands``) as the blocking ``TCPStore``.
+Two kinds of connection:
+
+* one *primary* connection carries every non-blocking request, pipelined:
+  many coroutines may have requests in flight, and replies are matched to
+  them in order (the protocol answers in request order);
+* *blocking* requests (wait, barrier, get of a missing key, blocking
+  queue_pop) each borrow a connection from a small pool, because a pending
+  WAIT's late reply cannot be told apart from the replies of later requests
+  on the same connection. So many waits can be in flight on one loop.
+
+The protocol orders nothing across connections, and SET has no reply. So
+before a blocking request goes out on a pooled connection, the primary is
+flushed with a PING whenever it carries unacknowledged writes. Without that,
+``await s.set(k, v); await s.wait([k])`` could wait for a write the server
+has not seen yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+from . import commands as cmd
+from . import protocol as p
+from .args import Key, Timeout, Value, check_int64, key_bytes, key_list, same_length, timeout_seconds, value_bytes
+from .errors import QueueEmptyError, StoreConnectionError, StoreTimeoutError, format_ms, wait_timeout
+from .store import DEFAULT_TIMEOUT
+
+__all__ = ["AsyncTCPStore"]
+
+_IDLE_POOL = 8  # idle blocking connections kept for reuse
+
+
+class _AsyncConnection(asyncio.Protocol):
+    """A validated connection whose replies resolve futures in request order."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._decoder = p.StreamDecoder()
+        self._pending: collections.deque[tuple[asyncio.Future[Any], p.ReplyParser]] = collections.deque()
+        self._transport: asyncio.Transport | None = None
+        self._lost: Exception | None = None
+        self.unacked_writes = False
+
+    @classmethod
+    async def open(cls, host: str, port: int, timeout: float) -> _AsyncConnection:
+        """Connect with backoff and jitter until ``timeout``, then do torch's handshake."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.01
+        while True:
+            conn = cls(f"{host}:{port}")
+            try:
+                await asyncio.wait_for(loop.create_connection(lambda: conn, host, port), max(deadline - loop.time(), 1.0))
+                nonce = os.getpid() & 0xFFFFFFFF
+                conn.write(p.encode_validate())
+                echo = await asyncio.wait_for(conn.request(*cmd.ping(nonce)), max(deadline - loop.time(), 1.0))
+                if echo != nonce.to_bytes(4, "little"):
+                    raise ConnectionError(f"PING failed: sent nonce {nonce}, got {echo.hex()}")
+                return conn
+            except (OSError, asyncio.TimeoutError, StoreConnectionError) as exc:
+                conn.close()
+                error: BaseException = exc
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise StoreConnectionError(
+                    f"The client socket has timed out after {format_ms(timeout)} while trying to connect to "
+                    f"({host}, {port}). Last error: {error!r}"
+                ) from None
+            await asyncio.sleep(min(random.uniform(0, delay), remaining))
+            delay = min(delay * 2, 1.0)
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._decoder.feed(data)
+        self._resolve()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(
+            StoreConnectionError(
+                f"the store at {self.address} closed the connection (server shut down, or it rejected a request)"
+            )
+        )
+
+    # -- requests ----------------------------------------------------------------------------
+    @property
+    def usable(self) -> bool:
+        return self._lost is None and self._transport is not None and not self._transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if self._lost is not None:
+            raise self._lost
+        assert self._transport is not None
+        self._transport.write(data)
+
+    def request(self, data: bytes, parser: p.ReplyParser | None) -> asyncio.Future[Any]:
+        """Send; the returned future resolves with the parsed reply (``None`` if there is none)."""
+        self.write(data)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if parser is None:
+            self.unacked_writes = True
+            future.set_result(None)
+        else:
+            self.expect(parser, future)
+        return future
+
+    def expect(self, parser: p.ReplyParser, future: asyncio.Future[Any] | None = None) -> asyncio.Future[Any]:
+        """Queue a reply to read without sending anything (the second byte of a cancel race)."""
+        future = future or asyncio.get_running_loop().create_future()
+        self._pending.append((future, parser))
+        self._resolve()
+        return future
+
+    def _resolve(self) -> None:
+        try:
+            while self._pending:
+                reply = self._decoder.decode(self._pending[0][1])
+                if reply is p.NEED_DATA:
+                    return
+                future, _ = self._pending.popleft()
+                self.unacked_writes = False  # a reply means every earlier request was processed
+                if not future.done():
+                    future.set_result(reply)
+        except p.ProtocolError as exc:
+            self._fail(StoreConnectionError(f"malformed reply from the store at {self.address}: {exc}"))
+            self.close()
+
+    def _fail(self, exc: Exception) -> None:
+        if self._lost is None:
+            self._lost = exc
+        while self._pending:
+            future, _ = self._pending.popleft()
+            if not future.done():
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        self._fail(StoreConnectionError(f"the connection to the store at {self.address} is closed"))
+        if self._transport is not None:
+            self._transport.close()
+
+
+class AsyncTCPStore:
+    """asyncio client of a TCPStore server (ours or torch's).
+
+    >>> async with AsyncTCPStore("127.0.0.1", port, timeout=30) as store:
+    ...     await store.set("k", "v")
+    ...     value = await store.get("k")
+
+    Keys are shared with ``TCPStore`` and torch clients ("/"-prefixed on the
+    wire). Every reply is awaited with the store timeout at most; timeouts
+    raise ``StoreTimeoutError`` naming the keys and address.
+    """
+
+    def __init__(
+        self, host_name: str, port: int, timeout: Timeout = DEFAULT_TIMEOUT, use_libuv: bool = True
+    ) -> None:
+        self.host = host_name
+        self.port = port
+        self._timeout_s = timeout_seconds(timeout)
+        self._use_libuv = bool(use_libuv)
+        self._primary: _AsyncConnection | None = None
+        self._idle: list[_AsyncConnection] = []
+        self._busy: set[_AsyncConnection] = set()
+        self._connecting: asyncio.Lock | None = None  # made lazily: it must belong to the running loop
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def timeout(self) -> timedelta:
+        return timedelta(seconds=self._timeout_s)
+
+    def set_timeout(self, timeout: Timeout) -> None:
+        self._timeout_s = timeout_seconds(timeout)
+
+    async def connect(self) -> AsyncTCPStore:
+        if self._primary is not None and self._primary.usable:
+            return self
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:  # many first calls at once open one connection, not many
+            if self._primary is None or not self._primary.usable:
+                self._primary = await _AsyncConnection.open(self.host, self.port, self._timeout_s)
+        return self
+
+    async def close(self) -> None:
+        for conn in [self._primary, *self._idle, *self._busy]:
+            if conn is not None:
+                conn.close()
+        self._primary = None
+        self._idle.clear()
+        self._busy.clear()
+
+    async def __aenter__(self) -> AsyncTCPStore:
+        return await self.connect()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _reply_timeout(self) -> float:
+        return self._timeout_s if self._timeout_s > 0 else DEFAULT_TIMEOUT.total_seconds()
+
+    async def _await_reply(self, conn: _AsyncConnection, future: asyncio.Future[Any]) -> Any:
+        try:
+            return await asyncio.wait_for(future, self._reply_timeout())
+        except asyncio.TimeoutError:
+            conn.close()  # the byte stream is out of step now: nothing on it can be trusted
+            raise StoreTimeoutError(
+                f"no reply from the store at {conn.address} within {format_ms(self._reply_timeout())}"
+            ) from None
+
+    async def _call(self, command: cmd.Command) -> Any:
+        conn = await self._connected()
+        return await self._await_reply(conn, conn.request(*command))
+
+    async def _connected(self) -> _AsyncConnection:
+        await self.connect()
+        assert self._primary is not None
+        return self._primary
+
+    async def _blocking(self, command: cmd.Command, timeout: float, keys: Sequence[bytes], what: str) -> None:
+        """Run WAIT or BARRIER on a pooled connection; on timeout, cancel as torch does."""
+        primary = await self._connected()
+        if primary.unacked_writes:  # make our own earlier writes visible first (see module doc)
+            await self._await_reply(primary, primary.request(*cmd.ping(0)))
+        conn = self._idle.pop() if self._idle else await _AsyncConnection.open(self.host, self.port, self._timeout_s)
+        self._busy.add(conn)
+        reusable = False
+        try:
+            future = conn.request(*command)
+            try:
+                await asyncio.wait_for(asyncio.shield(future), max(timeout, 0.0))
+                reusable = True
+                return
+            except asyncio.TimeoutError:
+                pass
+            released = await self._await_reply(conn, asyncio.ensure_future(self._cancel(conn, future)))
+            reusable = True
+            if released:
+                return  # released right at the deadline: that counts as success
+            if what == "barrier":
+                key = keys[0].decode("utf-8", "replace")
+                raise StoreTimeoutError(f"barrier timeout after {format_ms(timeout)}, key: {key} (TCPStore at {self.address})")
+            raise wait_timeout(keys, timeout, f"TCPStore at {self.address}")
+        finally:
+            # A connection with a wait still pending (task cancelled, error) is closed, which
+            # also drops its registration on the server.
+            self._busy.discard(conn)
+            if reusable and conn.usable and len(self._idle) < _IDLE_POOL:
+                self._idle.append(conn)
+            else:
+                conn.close()
+
+    @staticmethod
+    async def _cancel(conn: _AsyncConnection, wait_future: asyncio.Future[Any]) -> bool:
+        """CANCEL_WAIT; True if the STOP_WAITING raced in first (then its ack follows)."""
+        conn.write(cmd.cancel_wait()[0])
+        if await wait_future == p.STOP_WAITING:
+            await conn.expect(p.parse_u8)  # WAIT_CANCELED
+            return True
+        return False  # the one byte was WAIT_CANCELED itself
+
+    # -- operations --------------------------------------------------------------------------
+    async def set(self, key: Key, value: Value) -> None:
+        await self._call(cmd.set_(key_bytes(key), value_bytes(value)))
+
+    async def get(self, key: Key) -> bytes:
+        return (await self.multi_get([key]))[0]
+
+    async def multi_get(self, keys: Iterable[Key]) -> list[bytes]:
+        raw = key_list(keys)
+        if self._use_libuv:
+            conn = await self._connected()
+            data, (check_parser, get_parser) = cmd.check_then_multi_get(raw)
+            conn.write(data)
+            ready, values = await asyncio.gather(
+                self._await_reply(conn, conn.expect(check_parser)), self._await_reply(conn, conn.expect(get_parser))
+            )
+            if ready:
+                return values  # type: ignore[no-any-return]
+        await self.wait(raw)
+        return await self._call(cmd.multi_get(raw))  # type: ignore[no-any-return]
+
+    async def add(self, key: Key, amount: int) -> int:
+        return await self._call(cmd.add(key_bytes(key), check_int64(amount)))  # type: ignore[no-any-return]
+
+    async def compare_set(self, key: Key, expected: Value, desired: Value) -> bytes:
+        return await self._call(cmd.compare_set(key_bytes(key), value_bytes(expected), value_bytes(desired)))  # type: ignore[no-any-return]
+
+    async def delete_key(self, key: Key) -> bool:
+        return await self._call(cmd.delete_key(key_bytes(key)))  # type: ignore[no-any-return]
+
+    async def check(self, keys: Iterable[Key]) -> bool:
+        return await self._call(cmd.check(key_list(keys)))  # type: ignore[no-any-return]
+
+    async def wait(self, keys: Iterable[Key], timeout: Timeout | None = None) -> None:
+        raw = key_list(keys)
+        seconds = self._timeout_s if timeout is None else timeout_seconds(timeout)
+        await self._blocking(cmd.wait(raw), seconds, [cmd.PREFIX + k for k in raw], "wait")
+
+    async def num_keys(self) -> int:
+        return await self._call(cmd.num_keys())  # type: ignore[no-any-return]
+
+    async def multi_set(self, keys: Sequence[Key], values: Sequence[Value]) -> None:
+        raw_keys = key_list(keys)
+        raw_values = [value_bytes(v) for v in values]
+        same_length(raw_keys, raw_values)
+        await self._call(cmd.multi_set(raw_keys, raw_values))
+
+    async def append(self, key: Key, value: Value) -> None:
+        await self._call(cmd.append(key_bytes(key), value_bytes(value)))
+
+    async def list_keys(self) -> list[str]:
+        return [k.decode("utf-8") for k in await self._call(cmd.list_keys())]
+
+    async def barrier(self, key: Key, world_size: int, timeout: Timeout | None = None) -> None:
+        raw = key_bytes(key)
+        seconds = self._timeout_s if timeout is None else timeout_seconds(timeout)
+        await self._blocking(cmd.barrier(raw, int(world_size)), seconds, [raw], "barrier")
+
+    def _require_queues(self) -> None:
+        if not self._use_libuv:
+            raise NotImplementedError("queues not implemented on legacy TCPStore backend")
+
+    async def queue_push(self, key: Key, value: Value) -> None:
+        self._require_queues()
+        await self._call(cmd.queue_push(key_bytes(key), value_bytes(value)))
+
+    async def queue_pop(self, key: Key, block: bool = True) -> bytes:
+        self._require_queues()
+        raw = key_bytes(key)
+        if block:
+            await self.wait([raw])
+        value = await self._call(cmd.queue_pop(raw))
+        if value is None:
+            raise QueueEmptyError(f"queue is empty (key /{raw.decode('utf-8', 'replace')}, TCPStore at {self.address})")
+        return value  # type: ignore[no-any-return]
+
+    async def queue_len(self, key: Key) -> int:
+        self._require_queues()
+        return await self._call(cmd.queue_len(key_bytes(key)))  # type: ignore[no-any-return]
