@@ -297,15 +297,18 @@ class _FileLog:
         self._adopt(fd, st, base_size=st.st_size)
 
     def _adopt(self, fd: int, st: os.stat_result, base_size: int) -> None:
-        ident = (st.st_dev, st.st_ino)
-        if ident != self.ident:  # a different file: start over (same file after fork: keep the cache)
-            self.ident = ident
-            self.pos = 0
-            self.cache = {}
-            self.torn = None
-            self.sig = None
-            self.base_size = base_size
+        """Make ``fd`` our file and forget everything parsed from another descriptor.
+
+        Always a fresh start, even for an equal (st_dev, st_ino): once the old file is gone,
+        a new file may be given the same inode number.
+        """
         self.fd = fd
+        self.ident = (st.st_dev, st.st_ino)
+        self.pos = 0
+        self.cache = {}
+        self.torn = None
+        self.sig = None
+        self.base_size = base_size
 
     def _saw_compaction(self, fd: int) -> bool:
         """Did a compactor mark this (old) file before renaming a new one over the path?"""
@@ -488,9 +491,9 @@ class FileStore(Store):
 
     * Timeouts are exact (torch waits ``floor(t) + 1`` seconds) and a timeout
       ``<= 0`` means "check once, do not wait" (torch: 0 waits forever). Timeouts
-      raise ``StoreTimeoutError`` naming the missing keys; a blocked ``get``
-      returns a few milliseconds after another process writes (adaptive polling
-      capped at 2 ms; torch polls every 10 ms).
+      raise ``StoreTimeoutError`` naming the missing keys. A blocked ``get``
+      returns within about 2 ms of another process's write (adaptive polling of
+      the file's ``stat``, capped at 2 ms; torch polls every 10 ms).
     * A missing directory fails at once with ``StoreError`` (torch retries for
       300 s); so does using a store whose file was deleted or replaced behind
       its back (torch silently recreates it).
@@ -526,22 +529,37 @@ class FileStore(Store):
     its writes once the file is at least ``N`` bytes and at least twice its
     size after the previous compaction (so the cost is amortised).
 
-    Threads may share an instance. After ``fork()`` a child may keep using an
-    inherited instance (it reopens the file), but only the creating process's
-    ``close`` counts as leaving; create a new FileStore or ``clone()`` in the
-    child to be counted there.
+    Threads may share an instance (its operations then run one at a time).
+    After ``fork()`` a child may keep using an inherited instance (it reopens
+    the file), but only the creating process's ``close`` counts as leaving;
+    create a new FileStore or ``clone()`` in the child to be counted there.
 
-    Filesystems: promised on a local filesystem (ext4, xfs, btrfs, tmpfs).
-    On NFS (v3 with lockd, or v4), Linux maps ``flock`` to whole-file POSIX
-    locks and revalidates its caches when a lock is taken, so operations on
-    one host stay correct; across hosts, data and locks are coherent only
-    through the server's lock manager, ``get``/``wait`` may see a change only
-    after the attribute cache expires (we also re-read under the lock every
-    50 ms), and compaction relies on ``rename`` being atomic, which NFS
-    provides on the server but not always as seen by other clients' cached
-    handles. NFS mounted with ``nolock`` or ``local_lock=flock`` gives no
-    cross-host mutual exclusion at all and is not supported, nor is any
-    filesystem without ``flock`` (some FUSE and SMB mounts).
+    Compaction leaves a ``.NAME.compact-*`` temporary file behind only if the
+    process dies in the middle of one; it can be deleted. The new file gets the
+    old file's mode, but belongs to the user who compacted.
+
+    Hazard shared with torch: a torch process that meets a torn record spins
+    forever while holding its lock on the file, so every other user (ours
+    included) blocks until that process is killed. Our writers cut a torn
+    record off when they get to it first.
+
+    Filesystems: promised on local filesystems with ``flock`` and an atomic
+    ``rename`` (tested on ext4 and tmpfs). NFS is not tested. For a Linux
+    client on NFSv3 with lockd or on NFSv4 this much is expected, as for
+    torch's FileStore: ``flock`` becomes a whole-file lock granted by the
+    server, so operations from several hosts exclude each other, and the
+    client revalidates its cache of the file when it takes the lock; every
+    read and write here happens under that lock, so values stay coherent. A
+    blocked ``get``/``wait`` can miss a change in ``stat`` for the
+    attribute-cache lifetime (3 s or more by default), so it also takes the
+    lock and re-reads at least every 50 ms: expect wake-ups in tens of
+    milliseconds, and lock round trips to the server on every operation. Not
+    supported on NFS: compaction (other hosts' descriptors of the replaced file
+    go stale, ``ESTALE``, instead of following it), so leave
+    ``compact_threshold`` unset and do not call ``compact()``; mounts with
+    ``nolock`` or ``local_lock=flock``/``all``, where locks are per host and
+    concurrent writers corrupt the file; and any filesystem without ``flock``
+    (some FUSE and SMB mounts).
     """
 
     #: How the flock is taken; a subclass may swap it (see ``filelock_impl`` and the benchmark).
