@@ -138,8 +138,11 @@ class StreamDecoder:
 
     @property
     def in_message(self) -> bool:
-        """True when a message has started but is not complete."""
-        return self._gen is not None or self.buffered > 0
+        """True when part of a message was received but the message is not complete.
+
+        (A parser may be waiting for the first byte of the next message; that is not "in" one.)
+        """
+        return self._size > 0 or self.buffered > 0
 
     def decode(self, start: Callable[[], Parser]) -> Any:
         buf = self._buf
@@ -166,6 +169,7 @@ class StreamDecoder:
                 self._need = gen.send(bytes(buf[pos : pos + need]))
             except StopIteration as done:
                 self._gen = None
+                self._size = 0
                 self._compact()
                 return done.value
 
