@@ -541,7 +541,9 @@ class FileStore(Store):
     Hazard shared with torch: a torch process that meets a torn record spins
     forever while holding its lock on the file, so every other user (ours
     included) blocks until that process is killed. Our writers cut a torn
-    record off when they get to it first.
+    record off when they get to it first; if a torch writer appends after it
+    first (torch's ``set`` does not read the file), the log is corrupt for
+    every reader and, without checksums in the format, nobody can tell.
 
     Filesystems: promised on local filesystems with ``flock`` and an atomic
     ``rename`` (tested on ext4 and tmpfs). NFS is not tested. For a Linux
