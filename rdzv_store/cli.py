@@ -8,15 +8,16 @@ import logging
 import signal
 import sys
 
-from .server import DEFAULT_MAX_CONNECTIONS, StoreServer
+from .auth import load_secret
+from .server import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, StoreServer
 
 __all__ = ["main"]
 
 log = logging.getLogger("rdzv_store.cli")
 
 
-async def _serve(host: str, port: int, max_connections: int) -> None:
-    server = StoreServer(host, port, max_connections=max_connections)
+async def _serve(host: str, port: int, max_connections: int, **options: object) -> None:
+    server = StoreServer(host, port, max_connections=max_connections, **options)  # type: ignore[arg-type]
     await server.start()
     # One parseable line on stdout, so launchers (and tests) can learn a port chosen with --port 0.
     print(f"rdzv-store listening on {host} port {server.port}", flush=True)
@@ -38,6 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind, and only that (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=29500, help="port (0 picks a free one; default: 29500)")
     serve.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        help="close a connection stuck this many seconds in the middle of a request (0: never; "
+        f"default: {DEFAULT_REQUEST_TIMEOUT:g}); idle connections are never closed",
+    )
+    serve.add_argument(
+        "--secret-file",
+        help="require rdzv-store clients to prove they know the secret in this file (torch's protocol "
+        "has no authentication; without this option none is asked for)",
+    )
+    serve.add_argument(
+        "--allow-torch-clients",
+        action="store_true",
+        help="with --secret-file: also serve clients that skip the check (torch's TCPStore)",
+    )
 
     demo = commands.add_parser("demo", help="host a store and run worker processes through a barrier")
     demo.add_argument("--workers", type=int, default=4)
@@ -50,7 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "serve":
-        asyncio.run(_serve(args.host, args.port, args.max_connections))
+        options: dict[str, object] = {"request_timeout": args.request_timeout or None}
+        if args.secret_file:
+            options["secret"] = load_secret(args.secret_file)
+            options["allow_torch_clients"] = args.allow_torch_clients
+        elif args.allow_torch_clients:
+            parser.error("--allow-torch-clients only makes sense with --secret-file")
+        asyncio.run(_serve(args.host, args.port, args.max_connections, **options))
         return 0
     from . import demo as demo_module
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import random
 import socket
+import struct
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from . import commands
+from . import auth
 from . import protocol as p
 from .errors import StoreConnectionError, StoreTimeoutError, format_ms, wait_timeout
 
@@ -26,8 +28,11 @@ __all__ = ["Connection", "connect_with_retry"]
 _RECV = 256 * 1024
 
 
-def connect_with_retry(host: str, port: int, timeout: float) -> socket.socket:
+def connect_with_retry(host: str, port: int, timeout: float, secret: bytes | None = None) -> socket.socket:
     """Connect and do torch's handshake (VALIDATE, PING with our pid), retrying until ``timeout``.
+
+    With a ``secret``, the shared-secret check (``auth``) rides along with the
+    handshake; its failure is raised at once (``StoreAuthError``), not retried.
 
     Retries use exponential backoff with full jitter, so thousands of clients
     started together do not reconnect in lockstep. One attempt is always made,
@@ -43,8 +48,11 @@ def connect_with_retry(host: str, port: int, timeout: float) -> socket.socket:
             error: OSError = exc
         else:
             try:
-                _handshake(sock, deadline)
+                _handshake(sock, deadline, secret, f"{host}:{port}")
                 return sock
+            except auth.StoreAuthError:
+                sock.close()
+                raise
             except OSError as exc:
                 sock.close()
                 error = exc
@@ -58,26 +66,48 @@ def connect_with_retry(host: str, port: int, timeout: float) -> socket.socket:
         delay = min(delay * 2, 1.0)
 
 
-def _handshake(sock: socket.socket, deadline: float) -> None:
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionResetError("the server closed the connection during the handshake")
+        data += chunk
+    return data
+
+
+def _handshake(sock: socket.socket, deadline: float, secret: bytes | None = None, address: str = "") -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     nonce = os.getpid() & 0xFFFFFFFF
     # Both in one send: torch's libuv server also accepts them merged in one segment.
     sock.settimeout(max(deadline - time.monotonic(), 0.5))
-    sock.sendall(p.encode_validate() + p.encode_ping(nonce))
-    echo = b""
-    while len(echo) < 4:
-        chunk = sock.recv(4 - len(echo))
-        if not chunk:
-            raise ConnectionResetError("the server closed the connection during the handshake")
-        echo += chunk
+    request = p.encode_validate() + p.encode_ping(nonce)
+    proof = b""
+    if secret is not None:  # the shared-secret check, pipelined: no extra round trip
+        key, proof = auth.client_request_key(secret)
+        request += p.encode_key(p.QueryType.GET, key)
+    sock.sendall(request)
+    echo = _recv_exactly(sock, 4)
     if echo != nonce.to_bytes(4, "little"):
         raise ConnectionError(f"PING failed: sent nonce {nonce}, got {echo.hex()}")
+    if secret is not None:
+        try:
+            (length,) = struct.unpack("<Q", _recv_exactly(sock, 8))
+            reply = _recv_exactly(sock, length) if length <= 1024 else b"?"
+        except ConnectionError:
+            raise auth.StoreAuthError(
+                f"the store at {address} closed the connection at the shared-secret check: wrong "
+                "secret, clocks more than 5 minutes apart, or a replay (see the server log)"
+            ) from None
+        auth.check_server_reply(reply, proof, address)
 
 
 class Connection:
     """A validated connection with request/reply helpers. Thread-safe."""
 
-    def __init__(self, host: str, port: int, timeout: float, limits: p.Limits = p.Limits()) -> None:
+    def __init__(
+        self, host: str, port: int, timeout: float, limits: p.Limits = p.Limits(), secret: bytes | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
@@ -86,7 +116,7 @@ class Connection:
         self.set_reply_timeout(timeout)
         self.lock = threading.RLock()
         self._decoder = p.StreamDecoder(limits.max_request)
-        self._sock: socket.socket | None = connect_with_retry(host, port, timeout)
+        self._sock: socket.socket | None = connect_with_retry(host, port, timeout, secret)
 
     def set_reply_timeout(self, timeout: float) -> None:
         """Bound for every reply read. A store timeout <= 0 means "do not wait" for waits,

@@ -48,6 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import protocol as p
+from .auth import AUTH_PREFIX, AuthVerifier, coerce_secret
 from .engine import Engine, Waiter
 from .errors import StoreConnectionError, format_keys
 
@@ -82,7 +83,9 @@ class _Connection(asyncio.Protocol):
         self._engine = server.engine
         self._decoder = p.StreamDecoder(server.limits.max_request)
         self._start = lambda: p.read_request(server.limits)
-        self._validated = False
+        self._validated = False  # True once every request type may be served
+        self._magic = False  # VALIDATE seen (with a secret, the check must follow)
+        self._auth = server.auth
         self._waiters: list[Waiter] = []
         self._transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -113,6 +116,8 @@ class _Connection(asyncio.Protocol):
             _Q.LIST_KEYS: self._list_keys,
             _Q.BARRIER: self._barrier,
         }
+        if self._auth is not None:
+            self._handlers[_Q.GET] = self._get_or_auth
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -246,14 +251,42 @@ class _Connection(asyncio.Protocol):
     def _handle(self, request: p.Request) -> bytes | None:
         op = request[0]
         if not self._validated:
-            if op != _Q.VALIDATE or request[1] != p.MAGIC:
-                raise p.ProtocolError("the first request must be VALIDATE with torch's magic number")
-            self._validated = True
-            return None
+            return self._handshake(request)
         handler = self._handlers.get(op)
         if handler is None:
             raise p.ProtocolError(f"request type {op} is not allowed after the handshake")
         return handler(request)
+
+    def _handshake(self, request: p.Request) -> bytes | None:
+        op = request[0]
+        if not self._magic:
+            if op != _Q.VALIDATE or request[1] != p.MAGIC:
+                raise p.ProtocolError("the first request must be VALIDATE with torch's magic number")
+            self._magic = True
+            self._validated = self._auth is None
+            return None
+        # A server with a shared secret (``auth``), before the client passed the check.
+        assert self._auth is not None
+        if op == _Q.PING:
+            return request[1]  # part of every client's handshake
+        if op == _Q.GET and request[1].startswith(AUTH_PREFIX):
+            return self._get_or_auth(request)
+        if self._auth.allow_torch_clients:
+            self._validated = True  # a client that skips the check (torch's): allowed
+            return self._handle(request)
+        raise p.ProtocolError(
+            f"request type {op} before the shared-secret check; this server requires the secret "
+            "(a torch client? the operator can allow them with allow_torch_clients)"
+        )
+
+    def _get_or_auth(self, r: p.Request) -> bytes:
+        """GET, when the server has a secret: a key with the auth prefix is the check."""
+        if r[1].startswith(AUTH_PREFIX):
+            assert self._auth is not None
+            proof = self._auth.verify(r[1])  # ValueError: one warning, connection closed
+            self._validated = True
+            return p.reply_bytes(proof)
+        return self._get(r)
 
     def _notify(self) -> None:
         if self._out is not None:
@@ -365,6 +398,9 @@ class StoreServer:
       connections; with ``limits.max_request`` this bounds what half-sent
       requests can pin, whatever the number of connections;
     * ``max_reply`` (default ``limits.max_request``): one MULTI_GET reply;
+    * ``secret`` (default ``None``: torch's protocol, byte for byte): require
+      our clients' shared-secret check (``auth``) before any other request;
+      ``allow_torch_clients=True`` also serves connections that skip it;
     * ``request_timeout`` (default 300 s, ``None`` disables): a connection
       that has sent part of a request and then nothing for that long is
       closed (it is checked at that interval, so the close comes between one
@@ -383,6 +419,8 @@ class StoreServer:
         max_buffered: int = DEFAULT_MAX_BUFFERED,
         max_reply: int | None = None,
         request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+        secret: bytes | str | None = None,
+        allow_torch_clients: bool = False,
     ) -> None:
         self.host = host
         self._requested_port = port
@@ -392,6 +430,8 @@ class StoreServer:
         self.max_reply = limits.max_request if max_reply is None else max_reply
         self.request_timeout = request_timeout
         self.buffered = 0  # bytes held by incomplete requests, all connections
+        key = coerce_secret(secret)
+        self.auth = None if key is None else AuthVerifier(key, allow_torch_clients)
         self.engine = Engine()
         self._sock = sock
         self._servers: list[asyncio.AbstractServer] = []
@@ -417,6 +457,11 @@ class StoreServer:
             self._servers.append(server)
         self.port = socks[0].getsockname()[1]
         log.info("store server listening on %s", ", ".join(f"{h}:{pt}" for h, pt in self.addresses))
+        if self.auth is not None:
+            log.info(
+                "shared-secret check required%s",
+                "; torch clients (which skip it) are allowed" if self.auth.allow_torch_clients else "",
+            )
 
     def _bind(self) -> list[socket.socket]:
         try:

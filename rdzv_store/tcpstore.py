@@ -23,6 +23,7 @@ from datetime import timedelta
 
 from . import commands as cmd
 from .args import Timeout, timeout_seconds
+from .auth import coerce_secret
 from .client import Connection
 from .errors import QueueEmptyError, StoreConnectionError, StoreTimeoutError
 from .server import BackgroundServer, StoreServer
@@ -57,6 +58,11 @@ class TCPStore(Store):
     timeout; errors name the address; a timeout <= 0 checks once instead of
     waiting (torch: "wait forever" for negative values); ``close()`` and the
     context manager stop an owned server deterministically.
+
+    Extensions (keyword-only): ``secret`` turns on the shared-secret check
+    (``rdzv_store.auth``) for this client and, with ``is_master``, for the
+    server it hosts; ``allow_torch_clients`` lets that server also serve
+    clients that skip the check. Without a secret the wire is torch's.
     """
 
     def __init__(
@@ -70,6 +76,9 @@ class TCPStore(Store):
         multi_tenant: bool = False,
         master_listen_fd: int | None = None,
         use_libuv: bool = True,
+        *,
+        secret: bytes | str | None = None,
+        allow_torch_clients: bool = False,
     ) -> None:
         super().__init__(timeout)
         if world_size == 0:
@@ -82,13 +91,16 @@ class TCPStore(Store):
         self._server: BackgroundServer | None = None
         self._multi_tenant = multi_tenant
         self.port = port
+        self._secret = coerce_secret(secret)  # the shared-secret check (auth); None: torch's protocol
         if is_master:
-            self._server = self._start_server(host_name, port, multi_tenant, master_listen_fd)
+            self._server = self._start_server(
+                host_name, port, multi_tenant, master_listen_fd, self._secret, allow_torch_clients
+            )
             if self._server is not None:
                 self.port = self._server.port
         self._finalizer = weakref.finalize(self, _release_server, self._server, self.port, multi_tenant)
         try:
-            self._conn = Connection(host_name, self.port, self._timeout_s)
+            self._conn = Connection(host_name, self.port, self._timeout_s, secret=self._secret)
             if world_size is not None and wait_for_workers:
                 self._conn.call(cmd.add_raw(cmd.INIT_KEY, 1))
                 if self._server is not None:
@@ -100,7 +112,12 @@ class TCPStore(Store):
     # -- server ownership --------------------------------------------------------------------
     @staticmethod
     def _start_server(
-        host: str, port: int, multi_tenant: bool, listen_fd: int | None
+        host: str,
+        port: int,
+        multi_tenant: bool,
+        listen_fd: int | None,
+        secret: bytes | None = None,
+        allow_torch_clients: bool = False,
     ) -> BackgroundServer | None:
         if multi_tenant and port:
             with _tenants_lock:
@@ -110,7 +127,9 @@ class TCPStore(Store):
                     return entry[0]
         sock = socket.socket(fileno=listen_fd) if listen_fd is not None else None
         try:
-            server = BackgroundServer(StoreServer(host, port, sock=sock))
+            server = BackgroundServer(
+                StoreServer(host, port, sock=sock, secret=secret, allow_torch_clients=allow_torch_clients)
+            )
         except StoreConnectionError:
             # torch's agent-store rule: the elastic agent already hosts the store on MASTER_PORT.
             agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() in ("1", "true")
@@ -158,6 +177,7 @@ class TCPStore(Store):
             timeout=timedelta(seconds=self._timeout_s),
             wait_for_workers=False,
             use_libuv=self._use_libuv,
+            secret=self._secret,
         )
 
     def __repr__(self) -> str:

@@ -1,0 +1,89 @@
+"""No pickle (or marshal, shelve, eval, exec) anywhere in the project.
+
+Store contents are network data from any process that can reach the port;
+nothing may ever turn them into objects by deserialising code. Checked on the
+syntax tree, so comments and docstrings that *mention* pickle are fine:
+
+* shipped code (the packages, examples, benchmarks) does not import any
+  object-serialisation module, and calls neither ``eval`` nor ``exec``;
+* nothing, tests included, ever *loads* a pickle (``load``/``loads``/
+  ``Unpickler``). A test may ``pickle.dumps`` a hostile payload to prove that
+  the code under test never unpickles it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ["rdzv_store", "rdzv_backend", "examples", "benchmarks"]
+BANNED_MODULES = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle", "jsonpickle", "copyreg"}
+LOADERS = {"load", "loads", "Unpickler"}
+
+
+def python_files(dirs: list[str]) -> list[Path]:
+    files = []
+    for d in dirs:
+        base = ROOT / d
+        if base.is_dir():
+            files += [f for f in base.rglob("*.py") if "_build" not in f.parts]
+    return sorted(files)
+
+
+def imported_modules(tree: ast.AST) -> list[tuple[str, int]]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name.split(".")[0], node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.module.split(".")[0], node.lineno))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "__import__":
+            if node.args and isinstance(node.args[0], ast.Constant):
+                found.append((str(node.args[0].value).split(".")[0], node.lineno))
+    return found
+
+
+def test_shipped_code_never_imports_serialisers_or_evaluates_strings():
+    problems = []
+    files = python_files(SHIPPED)
+    assert any(f.name == "server.py" for f in files)
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path))
+        for module, line in imported_modules(tree):
+            if module in BANNED_MODULES:
+                problems.append(f"{path.relative_to(ROOT)}:{line}: imports {module}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec"):
+                problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: calls {node.func.id}()")
+            if isinstance(node, ast.Attribute) and node.attr in ("load", "unsafe_load") and isinstance(node.value, ast.Name) and node.value.id == "yaml":
+                problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: yaml.{node.attr}")
+    assert not problems, "\n".join(problems)
+
+
+def test_nothing_ever_unpickles():
+    problems = []
+    for path in python_files([*SHIPPED, "tests"]):
+        tree = ast.parse(path.read_text(), str(path))
+        aliases = {
+            alias.asname or alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+            if alias.name.split(".")[0] in BANNED_MODULES
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in BANNED_MODULES:
+                names = {a.name for a in node.names}
+                if names & LOADERS or "*" in names:
+                    problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports a loader from {node.module}")
+            if isinstance(node, ast.Attribute) and node.attr in LOADERS and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.id}.{node.attr}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec"):
+                problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: calls {node.func.id}()")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_checker_catches_what_it_should():
+    tree = ast.parse("import pickle as pk\nfrom marshal import loads\nx = pk.loads(b'')\neval('1')\n")
+    assert ("pickle", 1) in imported_modules(tree) and ("marshal", 2) in imported_modules(tree)
