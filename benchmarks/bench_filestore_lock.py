@@ -213,6 +213,7 @@ def run(seconds: float = 1.0, processes: int = 4, *, reps: int = 5, include_torc
         median_run = min(rs, key=lambda r: abs(r["total"] - statistics.median(totals)))
         summary[_label(name)] = {
             "ops_per_s": round(statistics.median(totals)),
+            "per_process_ops_per_s": round(statistics.median(median_run["per_process"])),
             "ops_per_s_min": round(totals[0]),
             "ops_per_s_max": round(totals[-1]),
             "slowest_process": round(min(median_run["per_process"])),
