@@ -59,6 +59,7 @@ log = logging.getLogger("rdzv_store.server")
 DEFAULT_MAX_CONNECTIONS = 65536
 DEFAULT_MAX_BUFFERED = 1 << 30  # 1 GiB of incomplete requests, all connections together
 DEFAULT_REQUEST_TIMEOUT = 300.0  # torch's default store timeout: its client has given up by then
+_READ_BUFFER = 256 * 1024  # one recv_into, shared by all connections (asyncio's own read size)
 _REPLY_BATCH = 1 << 20  # flush replies (and check backpressure) every MiB of a pipelined batch
 # TCP keepalive on accepted sockets: a peer whose host died is dropped after ~2 min of silence
 # (idle + interval * count), while a live idle peer answers the probes and is kept forever.
@@ -75,8 +76,16 @@ def _listen_backlog() -> int:
     return max(somaxconn, 4096)
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection: decode requests, run them on the engine, write replies."""
+class _Connection(asyncio.BufferedProtocol):
+    """One client connection: decode requests, run them on the engine, write replies.
+
+    A ``BufferedProtocol``: the transport ``recv_into``s the server's one shared
+    read buffer and we copy what arrived into this connection's decoder. With a
+    plain ``Protocol`` the transport allocates a fresh 256 KiB ``bytes`` for
+    every read, which glibc serves with mmap + mremap + munmap: three extra
+    syscalls and page faults per request, measured at ~20% of the server's
+    time per small request (strace: 1 mmap, 1 mremap, 1 munmap per ADD).
+    """
 
     def __init__(self, server: StoreServer) -> None:
         self._server = server
@@ -157,6 +166,16 @@ class _Connection(asyncio.Protocol):
             self._transport.resume_reading()
             if self._decoder.buffered or self._held:
                 self._process()  # requests that arrived while we stopped answering
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Shared by all connections of this server: every stdlib transport (and uvloop)
+        # calls buffer_updated synchronously after filling it, before any other read.
+        return self._server._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._rx += nbytes
+        self._decoder.feed(self._server._read_buffer[:nbytes])
+        self._process()
 
     def data_received(self, data: bytes) -> None:
         self._rx += len(data)
@@ -432,6 +451,7 @@ class StoreServer:
         self.buffered = 0  # bytes held by incomplete requests, all connections
         key = coerce_secret(secret)
         self.auth = None if key is None else AuthVerifier(key, allow_torch_clients)
+        self._read_buffer = memoryview(bytearray(_READ_BUFFER))  # see _Connection.get_buffer
         self.engine = Engine()
         self._sock = sock
         self._servers: list[asyncio.AbstractServer] = []
