@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -29,6 +30,14 @@ __all__ = ["Connection", "connect_with_retry"]
 # ``recv(256 KiB)`` makes CPython allocate (glibc: mmap), shrink (mremap) and free
 # (munmap) a buffer per read: three extra syscalls per small reply.
 _RECV = 64 * 1024
+
+# I/O timeouts enforced by the kernel (SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket):
+# one syscall per send or receive. Python's own socket timeouts poll() before every
+# send and recv, and settimeout() issues an ioctl each call: 4 extra syscalls per
+# request. Packing a struct timeval as two C longs is right on 64-bit Linux; other
+# platforms keep Python's timeouts.
+_KERNEL_TIMEOUTS = sys.platform.startswith("linux") and struct.calcsize("P") == 8
+_TIMEVAL = struct.Struct("@ll")
 
 
 def connect_with_retry(host: str, port: int, timeout: float, secret: bytes | None = None) -> socket.socket:
@@ -121,6 +130,9 @@ class Connection:
         self._decoder = p.StreamDecoder(limits.max_request)
         self._rbuf = memoryview(bytearray(_RECV))
         self._sock: socket.socket | None = connect_with_retry(host, port, timeout, secret)
+        self._io_timeout: float | None = None  # the kernel timeout set on the socket, if any
+        if _KERNEL_TIMEOUTS:
+            self._sock.settimeout(None)  # blocking; the kernel times out each send/recv
 
     def set_reply_timeout(self, timeout: float) -> None:
         """Bound for every reply read. A store timeout <= 0 means "do not wait" for waits,
@@ -143,10 +155,27 @@ class Connection:
             raise StoreConnectionError(f"the connection to the store at {self.address} is closed")
         return self._sock
 
+    def _set_timeout(self, sock: socket.socket, seconds: float) -> None:
+        """Bound the next send/recv by ``seconds`` (never 0: that means "no timeout" to the kernel)."""
+        if not _KERNEL_TIMEOUTS:
+            sock.settimeout(seconds)
+            return
+        current = self._io_timeout
+        # Keep the current bound unless it is too short, or longer by more than 10 ms: a
+        # setsockopt per read would cost what the kernel timeouts save.
+        if current is not None and seconds <= current <= seconds + 0.01:
+            return
+        seconds = max(seconds, 0.001)
+        whole = int(seconds)
+        tv = _TIMEVAL.pack(whole, int((seconds - whole) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self._io_timeout = seconds
+
     def send(self, data: bytes) -> None:
         sock = self._socket()
         try:
-            sock.settimeout(self.reply_timeout)
+            self._set_timeout(sock, self.reply_timeout)
             sock.sendall(data)
         except OSError as exc:
             self.close()
@@ -168,10 +197,10 @@ class Connection:
             if remaining <= 0:
                 raise socket.timeout()
             try:
-                sock.settimeout(remaining)
+                self._set_timeout(sock, remaining)
                 nbytes = sock.recv_into(self._rbuf)
-            except socket.timeout:
-                raise
+            except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
+                raise socket.timeout() from None
             except OSError as exc:
                 self.close()
                 raise StoreConnectionError(f"lost the connection to the store at {self.address}: {exc}") from None
