@@ -49,8 +49,13 @@ def _torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
+def _filelock_available() -> bool:
+    return importlib.util.find_spec("filelock") is not None
+
+
 def strategies(include_torch: bool) -> list[str]:
-    names = ["fcntl", "filelock:0.05", "filelock:0.001"]
+    # filelock is an optional extra (pip install '.[bench]'): without it only fcntl is measured.
+    names = ["fcntl"] + (["filelock:0.05", "filelock:0.001"] if _filelock_available() else [])
     return names + (["torch"] if include_torch else [])
 
 
@@ -230,6 +235,7 @@ def run(seconds: float = 1.0, processes: int = 4, *, reps: int = 5, include_torc
         "results": summary,
         "best_lock": chosen,
         "in_use": "fcntl.flock",  # rdzv_store.filestore.FileStore._locking
+        "filelock": "measured" if _filelock_available() else "not installed (pip install '.[bench]')",
     }
 
 
