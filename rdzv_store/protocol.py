@@ -128,7 +128,7 @@ class StreamDecoder:
         self._size = 0
         self.max_message = max_message
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
 
     @property

@@ -454,7 +454,7 @@ class StoreServer:
         self._read_buffer = memoryview(bytearray(_READ_BUFFER))  # see _Connection.get_buffer
         self.engine = Engine()
         self._sock = sock
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.Server] = []
         self._connections: set[_Connection] = set()
         self._cap_warned = False
         self.port = port

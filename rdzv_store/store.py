@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from types import TracebackType
+from typing import TypeVar
 
 from .args import (
     Key,
@@ -27,6 +28,8 @@ from .args import (
 )
 
 __all__ = ["Store", "DEFAULT_TIMEOUT"]
+
+_S = TypeVar("_S", bound="Store")
 
 #: torch's default store timeout (``kDefaultTimeout``).
 DEFAULT_TIMEOUT = timedelta(seconds=300)
@@ -123,7 +126,7 @@ class Store:
     def close(self) -> None:
         """Release what this store object holds. Safe to call twice."""
 
-    def __enter__(self) -> Store:
+    def __enter__(self: _S) -> _S:
         return self
 
     def __exit__(
