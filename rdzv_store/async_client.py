@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import random
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from types import TracebackType
@@ -32,7 +31,8 @@ from typing import Any
 from . import commands as cmd
 from . import protocol as p
 from .args import Key, Timeout, Value, check_int64, key_bytes, key_list, same_length, timeout_seconds, value_bytes
-from .errors import QueueEmptyError, StoreConnectionError, StoreTimeoutError, format_ms, wait_timeout
+from .errors import QueueEmptyError, StoreConnectionError, StoreTimeoutError, barrier_timeout, format_ms, wait_timeout
+from .retry import ConnectRetry
 from .store import DEFAULT_TIMEOUT
 
 __all__ = ["AsyncTCPStore"]
@@ -53,31 +53,23 @@ class _AsyncConnection(asyncio.Protocol):
 
     @classmethod
     async def open(cls, host: str, port: int, timeout: float) -> _AsyncConnection:
-        """Connect with backoff and jitter until ``timeout``, then do torch's handshake."""
+        """Connect (retrying per ``retry.ConnectRetry``) until ``timeout``, then do torch's handshake."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        delay = 0.01
+        retry = ConnectRetry(host, port, timeout)
         while True:
             conn = cls(f"{host}:{port}")
             try:
-                await asyncio.wait_for(loop.create_connection(lambda: conn, host, port), max(deadline - loop.time(), 1.0))
+                await asyncio.wait_for(loop.create_connection(lambda: conn, host, port), retry.attempt_timeout())
                 nonce = os.getpid() & 0xFFFFFFFF
                 conn.write(p.encode_validate())
-                echo = await asyncio.wait_for(conn.request(*cmd.ping(nonce)), max(deadline - loop.time(), 1.0))
+                echo = await asyncio.wait_for(conn.request(*cmd.ping(nonce)), retry.attempt_timeout())
                 if echo != nonce.to_bytes(4, "little"):
                     raise ConnectionError(f"PING failed: sent nonce {nonce}, got {echo.hex()}")
                 return conn
             except (OSError, asyncio.TimeoutError, StoreConnectionError) as exc:
                 conn.close()
                 error: BaseException = exc
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise StoreConnectionError(
-                    f"The client socket has timed out after {format_ms(timeout)} while trying to connect to "
-                    f"({host}, {port}). Last error: {error!r}"
-                ) from None
-            await asyncio.sleep(min(random.uniform(0, delay), remaining))
-            delay = min(delay * 2, 1.0)
+            await asyncio.sleep(retry.after_failure(error))
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -256,8 +248,7 @@ class AsyncTCPStore:
             if released:
                 return  # released right at the deadline: that counts as success
             if what == "barrier":
-                key = keys[0].decode("utf-8", "replace")
-                raise StoreTimeoutError(f"barrier timeout after {format_ms(timeout)}, key: {key} (TCPStore at {self.address})")
+                raise barrier_timeout(keys[0], timeout, f"TCPStore at {self.address}")
             raise wait_timeout(keys, timeout, f"TCPStore at {self.address}")
         finally:
             # A connection with a wait still pending (task cancelled, error) is closed, which

@@ -10,7 +10,6 @@ closed, because its byte stream can no longer be trusted.
 from __future__ import annotations
 
 import os
-import random
 import socket
 import struct
 import sys
@@ -22,7 +21,8 @@ from typing import Any
 from . import commands
 from . import auth
 from . import protocol as p
-from .errors import StoreConnectionError, StoreTimeoutError, format_ms, wait_timeout
+from .errors import StoreConnectionError, StoreTimeoutError, barrier_timeout, format_ms, wait_timeout
+from .retry import ConnectRetry
 
 __all__ = ["Connection", "connect_with_retry"]
 
@@ -46,21 +46,18 @@ def connect_with_retry(host: str, port: int, timeout: float, secret: bytes | Non
     With a ``secret``, the shared-secret check (``auth``) rides along with the
     handshake; its failure is raised at once (``StoreAuthError``), not retried.
 
-    Retries use exponential backoff with full jitter, so thousands of clients
-    started together do not reconnect in lockstep. One attempt is always made,
-    even with ``timeout <= 0``.
+    Retries follow ``retry.ConnectRetry``. One attempt is always made, even
+    with ``timeout <= 0``.
     """
-    deadline = time.monotonic() + timeout
-    delay = 0.01
+    retry = ConnectRetry(host, port, timeout)
     while True:
-        remaining = deadline - time.monotonic()
         try:
-            sock = socket.create_connection((host, port), timeout=max(remaining, 1.0))
+            sock = socket.create_connection((host, port), timeout=retry.attempt_timeout())
         except OSError as exc:
             error: OSError = exc
         else:
             try:
-                _handshake(sock, deadline, secret, f"{host}:{port}")
+                _handshake(sock, retry.deadline, secret, f"{host}:{port}")
                 return sock
             except auth.StoreAuthError:
                 sock.close()
@@ -68,14 +65,7 @@ def connect_with_retry(host: str, port: int, timeout: float, secret: bytes | Non
             except OSError as exc:
                 sock.close()
                 error = exc
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise StoreConnectionError(
-                f"The client socket has timed out after {format_ms(timeout)} while trying to connect to "
-                f"({host}, {port}). Last error: {error}"
-            ) from None
-        time.sleep(min(random.uniform(0, delay), remaining))
-        delay = min(delay * 2, 1.0)
+        time.sleep(retry.after_failure(error))
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -259,6 +249,5 @@ class Connection:
                 return  # released right at the deadline: that counts as success
             where = f"TCPStore at {self.address}"
             if what == "barrier":
-                key = message_keys[0].decode("utf-8", "replace")
-                raise StoreTimeoutError(f"barrier timeout after {format_ms(timeout)}, key: {key} ({where})")
+                raise barrier_timeout(message_keys[0], timeout, where)
             raise wait_timeout(message_keys, timeout, where)

@@ -19,6 +19,7 @@ __all__ = [
     "format_keys",
     "format_ms",
     "wait_timeout",
+    "barrier_timeout",
 ]
 
 
@@ -61,3 +62,8 @@ def wait_timeout(keys: Iterable[bytes], timeout: float, where: str) -> StoreTime
     torch ("wait timeout after ...ms, keys: ...") keep matching.
     """
     return StoreTimeoutError(f"wait timeout after {format_ms(timeout)}, keys: {format_keys(keys)} ({where})")
+
+
+def barrier_timeout(key: bytes, timeout: float, where: str) -> StoreTimeoutError:
+    """torch's TCPStore barrier message (the key without the "/" prefix), plus the store."""
+    return StoreTimeoutError(f"barrier timeout after {format_ms(timeout)}, key: {format_keys([key])} ({where})")

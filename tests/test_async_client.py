@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -11,6 +12,17 @@ from rdzv_store import AsyncTCPStore, StoreConnectionError, StoreServer, StoreTi
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+@contextlib.asynccontextmanager
+async def serving():
+    """A StoreServer on this loop, closed afterwards even if the test fails."""
+    server = StoreServer("127.0.0.1", 0)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
 
 
 async def eventually(predicate, timeout: float = 5.0) -> None:
@@ -23,26 +35,20 @@ async def eventually(predicate, timeout: float = 5.0) -> None:
 
 def test_many_concurrent_waits_on_one_loop():
     async def main():
-        server = StoreServer("127.0.0.1", 0)
-        await server.start()
-        async with AsyncTCPStore("127.0.0.1", server.port, timeout=10) as store:
+        async with serving() as server, AsyncTCPStore("127.0.0.1", server.port, timeout=10) as store:
             getters = [asyncio.create_task(store.get(f"k{i}")) for i in range(100)]
             await eventually(lambda: server.engine.pending_waiters() == 100)
             await store.multi_set([f"k{i}" for i in range(100)], [str(i) for i in range(100)])
             assert await asyncio.gather(*getters) == [str(i).encode() for i in range(100)]
-        await server.close()
 
     run(main())
 
 
 def test_pipelined_adds_from_many_tasks_total_correctly():
     async def main():
-        server = StoreServer("127.0.0.1", 0)
-        await server.start()
-        async with AsyncTCPStore("127.0.0.1", server.port, timeout=10) as store:
+        async with serving() as server, AsyncTCPStore("127.0.0.1", server.port, timeout=10) as store:
             results = await asyncio.gather(*(store.add("n", 1) for _ in range(500)))
             assert sorted(results) == list(range(1, 501))
-        await server.close()
 
     run(main())
 
@@ -50,44 +56,35 @@ def test_pipelined_adds_from_many_tasks_total_correctly():
 def test_a_set_is_visible_to_the_next_wait():
     # set has no reply and the wait goes out on another connection: the client must flush first.
     async def main():
-        server = StoreServer("127.0.0.1", 0)
-        await server.start()
-        async with AsyncTCPStore("127.0.0.1", server.port, timeout=10) as store:
+        async with serving() as server, AsyncTCPStore("127.0.0.1", server.port, timeout=10) as store:
             for i in range(200):
                 await store.set(f"s{i}", "x")
                 await store.wait([f"s{i}"], timeout=5)
-        await server.close()
 
     run(main())
 
 
 def test_wait_timeout_cancels_on_the_server_and_names_keys():
     async def main():
-        server = StoreServer("127.0.0.1", 0)
-        await server.start()
-        async with AsyncTCPStore("127.0.0.1", server.port, timeout=10) as store:
+        async with serving() as server, AsyncTCPStore("127.0.0.1", server.port, timeout=10) as store:
             with pytest.raises(StoreTimeoutError, match=rf"^wait timeout after 100ms, keys: /nope \(TCPStore at 127.0.0.1:{server.port}\)"):
                 await store.wait(["nope"], 0.1)
             assert server.engine.pending_waiters() == 0
             await store.set("after", "1")
             assert await store.get("after") == b"1"
-        await server.close()
 
     run(main())
 
 
 def test_cancelled_wait_task_drops_its_server_registration():
     async def main():
-        server = StoreServer("127.0.0.1", 0)
-        await server.start()
-        async with AsyncTCPStore("127.0.0.1", server.port, timeout=10) as store:
+        async with serving() as server, AsyncTCPStore("127.0.0.1", server.port, timeout=10) as store:
             task = asyncio.create_task(store.wait(["never"], 30))
             await eventually(lambda: server.engine.pending_waiters() == 1)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
             await eventually(lambda: server.engine.pending_waiters() == 0)
-        await server.close()
 
     run(main())
 
