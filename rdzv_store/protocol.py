@@ -144,10 +144,22 @@ class StreamDecoder:
         """
         return self._size > 0 or self.buffered > 0
 
-    def decode(self, start: Callable[[], Parser]) -> Any:
+    def decode(self, start: Callable[[], Parser], fast: FastParser | None = None) -> Any:
         buf = self._buf
         gen = self._gen
         if gen is None:
+            if fast is not None:
+                # A message that is already complete in the buffer (the common case for a
+                # server's small requests) is parsed by ``fast`` without a generator. It
+                # declines (None) anything incomplete or unusual: the generator path below
+                # stays the general and authoritative one, from the same position.
+                found = fast(buf, self._pos)
+                if found is not None and found[1] - self._pos <= self.max_message:
+                    self._pos = found[1]
+                    self._compact()
+                    return found[0]
+                if self._pos == len(buf):
+                    return NEED_DATA  # nothing buffered: no parser to start yet
             gen = start()
             self._size = 0
             try:
@@ -165,8 +177,11 @@ class StreamDecoder:
             if self._size > self.max_message:
                 raise ProtocolError(f"message larger than {self.max_message} bytes")
             self._pos = pos + need
+            # bytes(buf[a:b]) copies twice (slice, then bytes); through a memoryview once,
+            # which matters for megabyte values. The temporary view is gone before any resize.
+            field = bytes(buf[pos : pos + need]) if need < 4096 else bytes(memoryview(buf)[pos : pos + need])
             try:
-                self._need = gen.send(bytes(buf[pos : pos + need]))
+                self._need = gen.send(field)
             except StopIteration as done:
                 self._gen = None
                 self._size = 0
@@ -256,6 +271,95 @@ def read_request(limits: Limits) -> Parser:
     if op == QueryType.GETNUMKEYS or op == QueryType.CANCEL_WAIT or op == QueryType.LIST_KEYS:
         return (op,)
     raise ProtocolError(f"unknown request type {op}")
+
+
+FastParser = Callable[[bytearray, int], "tuple[Any, int] | None"]
+
+_U64_FROM = _U64.unpack_from
+_I64_FROM = _I64.unpack_from
+_U32_FROM = _U32.unpack_from
+
+
+def fast_request_parser(limits: Limits) -> FastParser:
+    """A parser for requests that are complete in the buffer: ``(request, end)`` or ``None``.
+
+    Same tuples as ``read_request``, parsed with ``unpack_from`` and slices
+    instead of a generator per request (about 2 us less per small request on
+    the server). It returns ``None`` for anything incomplete, over a limit or
+    not handled here (MULTI_SET), so that ``read_request`` decides, and raises,
+    exactly as before.
+    """
+    max_key = limits.max_key
+    max_value = limits.max_value
+    max_keys = limits.max_keys
+    kv_ops = (QueryType.SET, QueryType.APPEND, QueryType.QUEUE_PUSH)
+    key_ops = (QueryType.GET, QueryType.DELETE_KEY, QueryType.QUEUE_POP, QueryType.QUEUE_LEN)
+    keys_ops = (QueryType.CHECK, QueryType.WAIT, QueryType.MULTI_GET)
+    int_ops = (QueryType.ADD, QueryType.BARRIER)
+    bare_ops = (QueryType.GETNUMKEYS, QueryType.CANCEL_WAIT, QueryType.LIST_KEYS)
+
+    def field(buf: bytearray, i: int, end: int, limit: int) -> tuple[bytes, int] | None:
+        if i + 8 > end:
+            return None
+        (n,) = _U64_FROM(buf, i)
+        i += 8
+        if n > limit or i + n > end:
+            return None
+        if n < 4096:
+            return bytes(buf[i : i + n]), i + n
+        return bytes(memoryview(buf)[i : i + n]), i + n
+
+    def parse(buf: bytearray, pos: int) -> tuple[Any, int] | None:
+        end = len(buf)
+        if pos >= end:
+            return None
+        op = buf[pos]
+        i = pos + 1
+        if op in kv_ops:
+            k = field(buf, i, end, max_key)
+            if k is None:
+                return None
+            v = field(buf, k[1], end, max_value)
+            return None if v is None else ((op, k[0], v[0]), v[1])
+        if op in key_ops:
+            k = field(buf, i, end, max_key)
+            return None if k is None else ((op, k[0]), k[1])
+        if op in keys_ops:
+            if i + 8 > end:
+                return None
+            (count,) = _U64_FROM(buf, i)
+            if count > max_keys:
+                return None
+            i += 8
+            keys = []
+            for _ in range(count):
+                k = field(buf, i, end, max_key)
+                if k is None:
+                    return None
+                keys.append(k[0])
+                i = k[1]
+            return (op, keys), i
+        if op in int_ops:
+            k = field(buf, i, end, max_key)
+            if k is None or k[1] + 8 > end:
+                return None
+            return (op, k[0], _I64_FROM(buf, k[1])[0]), k[1] + 8
+        if op == QueryType.COMPARE_SET:
+            k = field(buf, i, end, max_key)
+            expected = None if k is None else field(buf, k[1], end, max_value)
+            desired = None if expected is None else field(buf, expected[1], end, max_value)
+            if desired is None:
+                return None
+            return (op, k[0], expected[0], desired[0]), desired[1]  # type: ignore[index]
+        if op == QueryType.PING:
+            return None if i + 4 > end else ((op, bytes(buf[i : i + 4])), i + 4)
+        if op == QueryType.VALIDATE:
+            return None if i + 4 > end else ((op, _U32_FROM(buf, i)[0]), i + 4)
+        if op in bare_ops:
+            return (op,), i
+        return None
+
+    return parse
 
 
 # -- request encoders (client side) -------------------------------------------------------------

@@ -92,6 +92,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._engine = server.engine
         self._decoder = p.StreamDecoder(server.limits.max_request)
         self._start = lambda: p.read_request(server.limits)
+        self._fast = server._fast_parser
         self._validated = False  # True once every request type may be served
         self._magic = False  # VALIDATE seen (with a secret, the check must follow)
         self._auth = server.auth
@@ -189,7 +190,7 @@ class _Connection(asyncio.BufferedProtocol):
         size = 0
         try:
             while True:
-                request = decoder.decode(self._start)
+                request = decoder.decode(self._start, self._fast)
                 if request is p.NEED_DATA:
                     break
                 reply = self._handle(request)
@@ -452,6 +453,7 @@ class StoreServer:
         key = coerce_secret(secret)
         self.auth = None if key is None else AuthVerifier(key, allow_torch_clients)
         self._read_buffer = memoryview(bytearray(_READ_BUFFER))  # see _Connection.get_buffer
+        self._fast_parser = p.fast_request_parser(limits)  # complete requests, without generators
         self.engine = Engine()
         self._sock = sock
         self._servers: list[asyncio.Server] = []
