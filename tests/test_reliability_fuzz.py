@@ -397,6 +397,9 @@ def blast(port: int, stream: bytes, timeout: float) -> None:
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
     view = memoryview(stream)
+    if not view:  # mutated down to nothing: an idle connection, which the server keeps
+        sock.shutdown(socket.SHUT_WR)
+        sel.modify(sock, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
     try:
         while True:
