@@ -90,7 +90,13 @@ class Engine:
     def add(self, key: bytes, amount: int) -> int:
         """Raises ``ValueError`` (value unchanged) when the stored value is not an integer."""
         old = self.kv.get(key)
-        total = int64((parse_int64(old) if old is not None else 0) + amount)
+        if old is None:
+            base = 0
+        elif len(old) < 19 and old.isdigit():
+            base = int(old)  # a plain non-negative counter (what add stores): stoll agrees, no scan
+        else:
+            base = parse_int64(old)
+        total = int64(base + amount)
         self.kv[key] = str(total).encode()
         self._wake(key)
         return total
