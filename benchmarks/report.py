@@ -134,6 +134,14 @@ def summary_rows(res: dict[str, Any]) -> list[list[str]]:
             label = "FileStore 4 processes contending, ops/s" if op == "contended" else f"FileStore {op} ops/s"
             rows.append([label, fmt(cell.get("ours")), fmt(cell.get("torch")), fmt_ratio(r), "≥ 0.5x",
                          holds(r, 0.5, smaller_is_better=False)])
+    lock = fig.get("lock")
+    if isinstance(lock, dict) and lock.get("results"):
+        res_ = lock["results"]
+        cells = ", ".join(f"{name}: {_num(r.get('ops_per_s'))}" for name, r in res_.items() if isinstance(r, dict))
+        best, used = lock.get("best_lock"), lock.get("in_use")
+        rows.append([f"FileStore lock under contention ({lock.get('processes', '?')} processes, ops/s)", cells,
+                     "", "", "report, keep the faster",
+                     f"yes (in use: {used})" if best and best == used else f"best {best}, in use {used}"])
     return rows
 
 
