@@ -429,6 +429,23 @@ def test_our_workers_release_torch_master(closing: Any, use_libuv: bool) -> None
     assert w2.get("go") == b"1"
 
 
+@pytest.mark.parametrize("use_libuv", [True, False], ids=["libuv", "legacy"])
+def test_torch_master_on_our_port(
+    our_port: int, closing: Any, monkeypatch: pytest.MonkeyPatch, use_libuv: bool
+) -> None:
+    """A torch master cannot take a port our server holds (EADDRINUSE); under torchelastic's
+    agent-store rule it becomes a plain client of our server instead."""
+    with pytest.raises(dist.DistNetworkError, match="EADDRINUSE|Address already in use"):
+        TorchTCPStore(HOST, our_port, is_master=True, timeout=TIMEOUT, use_libuv=use_libuv)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "1")
+    monkeypatch.setenv("MASTER_PORT", str(our_port))
+    t = closing(TorchTCPStore(HOST, our_port, world_size=2, is_master=True, timeout=TIMEOUT, use_libuv=use_libuv))
+    ours = closing(TCPStore(HOST, our_port, timeout=TIMEOUT))
+    assert ours.num_keys() == 1  # its ADD "init/" landed; it did not wait for a second worker
+    t.set("agent", "store")
+    assert ours.get("agent") == b"store"
+
+
 _GLOO_WORKER = """
 import sys
 from datetime import timedelta
@@ -692,6 +709,31 @@ def test_our_values_against_torch_server(torch_server: tuple[Any, bool], make_ou
     assert ours.multi_get(["ours/ключ", "theirs"]) == [value, value]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "our clients' default use_libuv=True pipelines CHECK+MULTI_GET for get(); torch's legacy "
+        "server answers CHECK with 01 (NOT_READY) and then closes the connection on the MULTI_GET "
+        "of the missing key, so get() of a key set later fails with StoreConnectionError. torch's "
+        "own client with use_libuv=True sends WAIT then GET and works against either backend."
+    ),
+)
+def test_ours_default_flag_get_blocks_on_legacy_torch_server(make_ours: Any, closing: Any) -> None:
+    """torch: the client's use_libuv flag matters only for queues; key ops work on either server."""
+    server = closing(TorchTCPStore(HOST, 0, is_master=True, timeout=TIMEOUT, use_libuv=False))
+    t = closing(torch_client(server.port, use_libuv=True))
+    call = run_in_thread(t.get, "late")  # control: torch's own client, same flag, same server
+    assert_blocked(call)
+    server.set("late", "x")
+    assert call.result(5) == b"x"
+
+    ours = make_ours(server.port)  # default use_libuv=True, as torch's default
+    call = run_in_thread(ours.get, "late2")
+    assert_blocked(call)
+    server.set("late2", "y")
+    assert call.result(5) == b"y"
+
+
 def test_async_client_concurrent_ops_against_torch_server(torch_server: tuple[Any, bool]) -> None:
     """Many coroutines on one AsyncTCPStore: pipelined requests and pooled waits, released by torch."""
     server, use_libuv = torch_server
@@ -729,6 +771,11 @@ def conversation(port, queues):
     t.set("empty", b"")
     out.append(t.get("empty"))
     out += [t.add("cnt", 5), t.add("cnt", -7), t.add("cnt", 0)]
+    t.set("junk", " 7x")
+    t.set("big", str(2**63 - 1))
+    out += [t.add("junk", 1), t.add("big", 1)]  # stoll parsing, int64 wrap-around
+    t.set("large", bytes(range(256)) * 20)
+    out.append(t.get("large"))
     out += [
         t.compare_set("cs1", "", "A"),
         t.compare_set("cs2", "X", "B"),
@@ -761,6 +808,8 @@ def conversation(port, queues):
         except dist.QueueEmptyError as exc:
             out.append(type(exc).__name__)
         out.append(t.queue_len("q"))
+        t.queue_push("qonly", "v")
+        out += [t.check(["qonly"]), t.get("qonly")]  # a non-empty queue counts as present
     out.append(t.num_keys())
     return out
 
