@@ -31,7 +31,7 @@ from typing import Any
 from . import commands as cmd
 from . import protocol as p
 from .args import Key, Timeout, Value, check_int64, key_bytes, key_list, same_length, timeout_seconds, value_bytes
-from .errors import QueueEmptyError, StoreConnectionError, StoreTimeoutError, barrier_timeout, format_ms, wait_timeout
+from .errors import LEGACY_HINT, QueueEmptyError, StoreConnectionError, StoreTimeoutError, barrier_timeout, format_ms, wait_timeout
 from .retry import ConnectRetry
 from .store import DEFAULT_TIMEOUT
 
@@ -281,9 +281,12 @@ class AsyncTCPStore:
             conn = await self._connected()
             data, (check_parser, get_parser) = cmd.check_then_multi_get(raw)
             conn.write(data)
-            ready, values = await asyncio.gather(
-                self._await_reply(conn, conn.expect(check_parser)), self._await_reply(conn, conn.expect(get_parser))
-            )
+            try:
+                ready, values = await asyncio.gather(
+                    self._await_reply(conn, conn.expect(check_parser)), self._await_reply(conn, conn.expect(get_parser))
+                )
+            except StoreConnectionError as exc:
+                raise StoreConnectionError(f"{exc}{LEGACY_HINT}") from None
             if ready:
                 return values  # type: ignore[no-any-return]
         await self.wait(raw)

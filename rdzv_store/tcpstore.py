@@ -25,7 +25,7 @@ from . import commands as cmd
 from .args import Timeout, timeout_seconds
 from .auth import coerce_secret
 from .client import Connection
-from .errors import QueueEmptyError, StoreConnectionError, StoreTimeoutError
+from .errors import LEGACY_HINT, QueueEmptyError, StoreConnectionError, StoreTimeoutError
 from .server import BackgroundServer, StoreServer
 from .store import DEFAULT_TIMEOUT, Store
 
@@ -193,7 +193,10 @@ class TCPStore(Store):
 
     def _multi_get(self, keys: list[bytes], timeout: float) -> list[bytes]:
         if self._use_libuv:
-            ready, values = self._conn.call_many(*cmd.check_then_multi_get(keys))
+            try:
+                ready, values = self._conn.call_many(*cmd.check_then_multi_get(keys))
+            except StoreConnectionError as exc:
+                raise StoreConnectionError(f"{exc}{LEGACY_HINT}") from None
             if ready:
                 return values
         self._wait(keys, timeout)

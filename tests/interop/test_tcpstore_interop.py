@@ -45,7 +45,7 @@ from tcp_helpers import (  # noqa: E402
 )
 from torch.distributed import TCPStore as TorchTCPStore  # noqa: E402
 
-from rdzv_store import AsyncTCPStore, QueueEmptyError, StoreError, StoreTimeoutError, TCPStore  # noqa: E402
+from rdzv_store import AsyncTCPStore, QueueEmptyError, StoreConnectionError, StoreError, StoreTimeoutError, TCPStore  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
@@ -732,6 +732,14 @@ def test_ours_default_flag_get_blocks_on_legacy_torch_server(make_ours: Any, clo
     assert_blocked(call)
     server.set("late2", "y")
     assert call.result(5) == b"y"
+
+
+def test_default_flag_on_legacy_server_fails_with_a_hint(make_ours: Any, closing: Any) -> None:
+    """Until the xfail above is fixed: the failure names the likely cause and the fix."""
+    server = closing(TorchTCPStore(HOST, 0, is_master=True, timeout=TIMEOUT, use_libuv=False))
+    ours = make_ours(server.port)
+    with pytest.raises(StoreConnectionError, match=r"legacy TCPStore server.*use_libuv=False"):
+        ours.get("missing")
 
 
 def test_async_client_concurrent_ops_against_torch_server(torch_server: tuple[Any, bool]) -> None:
