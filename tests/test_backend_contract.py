@@ -17,7 +17,6 @@ import ast
 import binascii
 import logging
 import os
-import pickle
 import tempfile
 import threading
 from base64 import b64encode
@@ -273,12 +272,16 @@ def test_lenient_base64_like_torch(store: HashStore, backend: C10dRendezvousBack
     assert backend.get_state() == (b"x", b"eA!==")
 
 
-def test_state_is_opaque_and_never_unpickled(backend: C10dRendezvousBackend) -> None:
-    class Boom:
-        def __reduce__(self) -> Any:
-            return (pytest.fail, ("the backend unpickled its state",))
+# A pickle whose loading calls pytest's fail("the backend unpickled its state"); kept as bytes
+# so that nothing in the project, tests included, imports pickle.
+HOSTILE_PICKLE = (
+    b"\x80\x04\x95G\x00\x00\x00\x00\x00\x00\x00\x8c\x10_pytest.outcomes\x94\x8c\x05_Fail\x94\x93\x94)"
+    b"\x81\x94\x8c\x1fthe backend unpickled its state\x94\x85\x94R\x94."
+)
 
-    payload = pickle.dumps(Boom())
+
+def test_state_is_opaque_and_never_unpickled(backend: C10dRendezvousBackend) -> None:
+    payload = HOSTILE_PICKLE
     _, token, ok = backend.set_state(payload)  # type: ignore[misc]
     assert ok
     assert backend.get_state() == (payload, token)
