@@ -28,6 +28,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
+from . import auth
 from . import commands as cmd
 from . import protocol as p
 from .args import Key, Timeout, Value, check_int64, key_bytes, key_list, same_length, timeout_seconds, value_bytes
@@ -52,7 +53,7 @@ class _AsyncConnection(asyncio.Protocol):
         self.unacked_writes = False
 
     @classmethod
-    async def open(cls, host: str, port: int, timeout: float) -> _AsyncConnection:
+    async def open(cls, host: str, port: int, timeout: float, secret: bytes | None = None) -> _AsyncConnection:
         """Connect (retrying per ``retry.ConnectRetry``) until ``timeout``, then do torch's handshake."""
         loop = asyncio.get_running_loop()
         retry = ConnectRetry(host, port, timeout)
@@ -62,14 +63,35 @@ class _AsyncConnection(asyncio.Protocol):
                 await asyncio.wait_for(loop.create_connection(lambda: conn, host, port), retry.attempt_timeout())
                 nonce = os.getpid() & 0xFFFFFFFF
                 conn.write(p.encode_validate())
-                echo = await asyncio.wait_for(conn.request(*cmd.ping(nonce)), retry.attempt_timeout())
+                ping = conn.request(*cmd.ping(nonce))
+                check = None
+                if secret is not None:  # the shared-secret check, pipelined behind the PING
+                    key, proof = auth.client_request_key(secret)
+                    check = conn.request(*cmd.get_raw(key))
+                echo = await asyncio.wait_for(ping, retry.attempt_timeout())
                 if echo != nonce.to_bytes(4, "little"):
                     raise ConnectionError(f"PING failed: sent nonce {nonce}, got {echo.hex()}")
+                if check is not None:
+                    await cls._check_secret(conn, check, proof, retry.attempt_timeout())
                 return conn
+            except auth.StoreAuthError:
+                conn.close()
+                raise
             except (OSError, asyncio.TimeoutError, StoreConnectionError) as exc:
                 conn.close()
                 error: BaseException = exc
             await asyncio.sleep(retry.after_failure(error))
+
+    @staticmethod
+    async def _check_secret(conn: _AsyncConnection, reply: asyncio.Future[Any], proof: bytes, timeout: float) -> None:
+        try:
+            value = await asyncio.wait_for(reply, timeout)
+        except StoreConnectionError:
+            raise auth.StoreAuthError(
+                f"the store at {conn.address} closed the connection at the shared-secret check: wrong "
+                "secret, clocks more than 5 minutes apart, or a replay (see the server log)"
+            ) from None
+        auth.check_server_reply(value, proof, conn.address)
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -157,9 +179,16 @@ class AsyncTCPStore:
     """
 
     def __init__(
-        self, host_name: str, port: int, timeout: Timeout = DEFAULT_TIMEOUT, use_libuv: bool = True
+        self,
+        host_name: str,
+        port: int,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        use_libuv: bool = True,
+        *,
+        secret: bytes | str | None = None,
     ) -> None:
         self.host = host_name
+        self._secret = auth.coerce_secret(secret)  # the shared-secret check (auth); None: torch's protocol
         self.port = port
         self._timeout_s = timeout_seconds(timeout)
         self._use_libuv = bool(use_libuv)
@@ -186,8 +215,11 @@ class AsyncTCPStore:
             self._connecting = asyncio.Lock()
         async with self._connecting:  # many first calls at once open one connection, not many
             if self._primary is None or not self._primary.usable:
-                self._primary = await _AsyncConnection.open(self.host, self.port, self._timeout_s)
+                self._primary = await self._open()
         return self
+
+    async def _open(self) -> _AsyncConnection:
+        return await _AsyncConnection.open(self.host, self.port, self._timeout_s, self._secret)
 
     async def close(self) -> None:
         for conn in [self._primary, *self._idle, *self._busy]:
@@ -232,7 +264,7 @@ class AsyncTCPStore:
         primary = await self._connected()
         if primary.unacked_writes:  # make our own earlier writes visible first (see module doc)
             await self._await_reply(primary, primary.request(*cmd.ping(0)))
-        conn = self._idle.pop() if self._idle else await _AsyncConnection.open(self.host, self.port, self._timeout_s)
+        conn = self._idle.pop() if self._idle else await self._open()
         self._busy.add(conn)
         reusable = False
         try:

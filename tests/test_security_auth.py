@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from datetime import timedelta
 import pytest
 from reliability_helpers import CollectLog, background_server, ping, raw_client, recv_exactly, wait_closed
 
-from rdzv_store import StoreConnectionError, TCPStore
+from rdzv_store import AsyncTCPStore, StoreConnectionError, TCPStore
 from rdzv_store import auth
 from rdzv_store import protocol as p
 from rdzv_store.server import StoreServer
@@ -217,3 +218,35 @@ class _server_on:  # noqa: N801 - a context manager
 
     def __exit__(self, *exc: object) -> None:
         self.bg.stop()
+
+
+def test_async_client_with_the_secret_works_including_pooled_wait_connections():
+    async def main(port: int) -> None:
+        async with AsyncTCPStore("127.0.0.1", port, timeout=5, secret=SECRET) as store:
+            await store.set("k", "v")
+            waiter = asyncio.ensure_future(store.wait(["late"], 5))  # a pooled connection: checked too
+            await store.set("late", "1")
+            await asyncio.wait_for(waiter, 5)
+            assert await store.get("k") == b"v"
+
+    with background_server(secret=SECRET) as bg:
+        asyncio.run(main(bg.port))
+
+
+def test_async_client_wrong_or_missing_secret_is_refused():
+    async def connect(port: int, secret: bytes | None) -> None:
+        store = AsyncTCPStore("127.0.0.1", port, timeout=5, secret=secret)
+        try:
+            await store.connect()
+            await store.add("n", 1)
+        finally:
+            await store.close()
+
+    with background_server(secret=SECRET) as bg:
+        with pytest.raises(auth.StoreAuthError):
+            asyncio.run(connect(bg.port, b"z" * 16))
+        with pytest.raises(StoreConnectionError):  # no secret: refused by this server
+            asyncio.run(connect(bg.port, None))
+    with background_server() as bg:  # a server that does not check: our secret-holding client refuses it
+        with pytest.raises(auth.StoreAuthError, match="does not check shared secrets"):
+            asyncio.run(connect(bg.port, SECRET))
