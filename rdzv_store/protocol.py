@@ -365,12 +365,22 @@ def fast_request_parser(limits: Limits) -> FastParser:
 # -- request encoders (client side) -------------------------------------------------------------
 
 
-def _str(data: bytes) -> bytes:
-    return _U64.pack(len(data)) + data
+# Encoders build a list of parts and join it once: the result is allocated at its final size
+# and every payload byte is copied exactly once. (Chained "+" on multi-MiB values allocates,
+# touches and frees several intermediate buffers: page faults dominate a large compare_set.)
+
+
+def _framed(items: Sequence[bytes]) -> list[bytes]:
+    """Each item as a length-prefixed string, flattened into parts."""
+    parts = []
+    for item in items:
+        parts.append(_U64.pack(len(item)))
+        parts.append(item)
+    return parts
 
 
 def _keys(keys: Sequence[bytes]) -> bytes:
-    return _U64.pack(len(keys)) + b"".join(_U64.pack(len(k)) + k for k in keys)
+    return b"".join([_U64.pack(len(keys)), *_framed(keys)])
 
 
 def encode_validate() -> bytes:
@@ -383,7 +393,7 @@ def encode_ping(nonce: int) -> bytes:
 
 def encode_key_value(op: QueryType, key: bytes, value: bytes) -> bytes:
     """SET, APPEND and QUEUE_PUSH."""
-    return _U8.pack(op) + _U64.pack(len(key)) + key + _U64.pack(len(value)) + value
+    return b"".join([_U8.pack(op), *_framed((key, value))])
 
 
 def encode_key(op: QueryType, key: bytes) -> bytes:
@@ -402,12 +412,12 @@ def encode_key_int(op: QueryType, key: bytes, number: int) -> bytes:
 
 
 def encode_compare_set(key: bytes, expected: bytes, desired: bytes) -> bytes:
-    return _U8.pack(QueryType.COMPARE_SET) + _str(key) + _str(expected) + _str(desired)
+    return b"".join([_U8.pack(QueryType.COMPARE_SET), *_framed((key, expected, desired))])
 
 
 def encode_multi_set(keys: Sequence[bytes], values: Sequence[bytes]) -> bytes:
-    body = b"".join(_str(k) + _str(v) for k, v in zip(keys, values))
-    return _U8.pack(QueryType.MULTI_SET) + _U64.pack(len(keys)) + body
+    pairs = [item for pair in zip(keys, values) for item in pair]
+    return b"".join([_U8.pack(QueryType.MULTI_SET), _U64.pack(len(keys)), *_framed(pairs)])
 
 
 def encode_bare(op: QueryType) -> bytes:
@@ -432,7 +442,7 @@ def reply_bytes(value: bytes) -> bytes:
 
 def reply_list(values: Sequence[bytes]) -> bytes:
     """MULTI_GET: the values back to back; LIST_KEYS prepends an i64 count itself."""
-    return b"".join(_U64.pack(len(v)) + v for v in values)
+    return b"".join(_framed(values))
 
 
 def reply_queue_pop(available: int, value: bytes | None) -> bytes:
