@@ -137,6 +137,11 @@ class StreamDecoder:
         return len(self._buf) - self._pos
 
     @property
+    def held(self) -> int:
+        """Bytes an incomplete message holds: fields already consumed plus bytes buffered."""
+        return self._size + self.buffered
+
+    @property
     def in_message(self) -> bool:
         """True when part of a message was received but the message is not complete.
 

@@ -195,7 +195,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._flush(replies)
         # Bytes held by an incomplete request (the decoder's buffer plus the fields its
         # parser already consumed). Zero after every complete request: one check then.
-        held = decoder.buffered + decoder._size
+        held = decoder.held
         if held or self._held:
             self._account(held)
 
