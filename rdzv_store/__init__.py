@@ -1,7 +1,7 @@
 """rdzv_store: torch-free, wire- and file-compatible c10d key-value stores."""
 
 from .async_client import AsyncTCPStore
-from .errors import QueueEmptyError, StoreConnectionError, StoreError, StoreTimeoutError
+from .errors import QueueEmptyError, StoreAuthError, StoreConnectionError, StoreError, StoreTimeoutError
 from .filestore import FileStore
 from .hashstore import HashStore
 from .prefixstore import PrefixStore
@@ -17,6 +17,7 @@ __all__ = [
     "PrefixStore",
     "QueueEmptyError",
     "Store",
+    "StoreAuthError",
     "StoreConnectionError",
     "StoreError",
     "StoreServer",

@@ -49,7 +49,7 @@ import struct
 import time
 from collections import OrderedDict
 
-from .errors import StoreConnectionError
+from .errors import StoreAuthError
 
 __all__ = [
     "AUTH_PREFIX",
@@ -72,11 +72,6 @@ _SERVER = b"rdzv-store server v1"
 _OK = b"rdzv-auth ok"
 _KEY_LEN = len(AUTH_PREFIX) + _NONCE + _TIME.size + _TAG
 MIN_SECRET = 16
-
-
-class StoreAuthError(StoreConnectionError):
-    """The shared-secret check failed (wrong secret, or a server that does not check one).
-    Not retried: the next attempt would fail the same way."""
 
 
 def coerce_secret(secret: bytes | str | None) -> bytes | None:

@@ -15,6 +15,7 @@ __all__ = [
     "StoreError",
     "StoreTimeoutError",
     "StoreConnectionError",
+    "StoreAuthError",
     "QueueEmptyError",
     "format_keys",
     "format_ms",
@@ -34,6 +35,11 @@ class StoreTimeoutError(StoreError, TimeoutError):
 
 class StoreConnectionError(StoreError, ConnectionError):
     """The connection to a store server failed or was lost. The message names the address."""
+
+
+class StoreAuthError(StoreConnectionError):
+    """The shared-secret check failed (wrong secret, or a server that does not check one).
+    Not retried: the next attempt would fail the same way."""
 
 
 class QueueEmptyError(StoreError):
