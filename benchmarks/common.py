@@ -186,11 +186,14 @@ def _read_port(proc: subprocess.Popen, pattern: str, timeout: float) -> int:
     raise TimeoutError(f"server did not report its port within {timeout} s: {buf!r}")
 
 
+SERVER_LOOP = "asyncio"  # our server's event loop; run.py sets it from --server-loop
+
+
 def start_server(impl: str, timeout: float = 60.0) -> ServerProc:
     """Start a fresh server process: ``ours`` (rdzv_store serve) or ``torch`` (libuv TCPStore)."""
     if impl == "ours":
         cmd = [sys.executable, "-m", "rdzv_store", "--log-level", "WARNING", "serve", "--host", HOST, "--port", "0",
-               "--max-connections", "65536"]
+               "--max-connections", "65536", "--loop", SERVER_LOOP]
         pattern = r"listening on \S+ port (\d+)"
     elif impl == "torch":
         cmd = [sys.executable, str(HERE / "_procs.py"), "torch-serve"]

@@ -221,7 +221,7 @@ def markdown(res: dict[str, Any], plots: list[str]) -> str:
         f"somaxconn {m['somaxconn']}, nofile {m['nofile']}; load average at start `{m['loadavg_start']}`, "
         f"at end `{m.get('loadavg_end', '?')}`.",
         f"* Versions: Python {m['python']}, rdzv-store {m['rdzv_store']} (git {m['git']}), "
-        f"torch {m['torch'] or 'not installed'}, filelock {m.get('filelock')}, uvloop {m.get('uvloop') or 'not installed (pure asyncio)'}.",
+        f"torch {m['torch'] or 'not installed'}, filelock {m.get('filelock')}, uvloop {m.get('uvloop') or 'not installed'}; our server's event loop: {res.get('server_loop', 'asyncio')}.",
         f"* torch measured in this run: **{'yes' if res['torch_measured'] else 'no'}**. "
         "\"ours\" = rdzv_store client → rdzv_store server (`python -m rdzv_store serve`); "
         "\"torch\" = torch client → torch libuv server (`TCPStore(is_master=True, use_libuv=True)`), "

@@ -26,7 +26,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import bench_filestore, bench_storm, bench_tcp, report
+from . import bench_filestore, bench_storm, bench_tcp, common, report
 from .common import HERE, Budget, machine_info, raise_nofile, reexec_with_shim, torch_available
 
 FIGURES = ["small", "cas", "aggregate", "storm", "init", "memory", "filestore", "lock"]
@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-shim", action="store_true", help="do not preload the numeric-getnameinfo shim")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--reps", type=int, help="override the repetition count")
+    ap.add_argument("--server-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                    help="event loop of our server (uvloop needs the optional extra)")
     args = ap.parse_args(argv)
     unknown = set(args.only.split(",")) - set(FIGURES)
     if unknown:
@@ -115,6 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    common.SERVER_LOOP = args.server_loop
     use_torch = torch_available() and not args.no_torch
     if use_torch and not args.no_shim:
         reexec_with_shim()  # returns only if already preloaded (or gcc is missing)
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "config": asdict(cfg),
         "torch_measured": use_torch,
+        "server_loop": args.server_loop,
         "figures": {},
         "failures": {},
     }

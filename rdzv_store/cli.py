@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 from .auth import load_secret
 from .server import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, StoreServer
@@ -30,6 +31,14 @@ async def _serve(host: str, port: int, max_connections: int, **options: object) 
     await server.close()
 
 
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if name == "uvloop":
+        import uvloop  # optional extra; the default is pure asyncio
+
+        return uvloop.new_event_loop
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rdzv-store", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
@@ -39,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind, and only that (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=29500, help="port (0 picks a free one; default: 29500)")
     serve.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
+    serve.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop: asyncio (default) or uvloop (pip install 'rdzv-store[uvloop]')",
+    )
     serve.add_argument(
         "--request-timeout",
         type=float,
@@ -74,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             options["allow_torch_clients"] = args.allow_torch_clients
         elif args.allow_torch_clients:
             parser.error("--allow-torch-clients only makes sense with --secret-file")
-        asyncio.run(_serve(args.host, args.port, args.max_connections, **options))
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+            runner.run(_serve(args.host, args.port, args.max_connections, **options))
         return 0
     from . import demo as demo_module
 

@@ -65,6 +65,15 @@ def test_serve_logs_bad_clients_with_one_warning(serve):
     assert len(warnings) == 1 and "closing connection from 127.0.0.1:" in warnings[0]
 
 
+def test_serve_on_uvloop_when_installed(serve):
+    pytest.importorskip("uvloop")
+    proc, port = serve("--loop", "uvloop")
+    with TCPStore("127.0.0.1", port, timeout=5) as client:
+        assert client.add("n", 2) == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+
+
 def test_console_script_is_installed():
     exe = shutil.which("rdzv-store")
     if exe is None:
