@@ -41,7 +41,7 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rdzv-store", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument("--log-level", help="logging level (default: INFO for serve, WARNING otherwise)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run a standalone TCPStore server until SIGINT/SIGTERM")
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--world-size", type=int, required=True)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "serve":
         options: dict[str, object] = {"request_timeout": args.request_timeout or None}
         if args.secret_file:
