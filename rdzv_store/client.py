@@ -171,7 +171,7 @@ class Connection:
             self.close()
             raise StoreConnectionError(f"lost the connection to the store at {self.address}: {exc}") from None
 
-    def read(self, parser: p.ReplyParser, timeout: float | None = None) -> object:
+    def read(self, parser: p.ReplyParser, timeout: float | None = None) -> Any:
         """Read one reply. On timeout raise ``socket.timeout`` (the caller decides what it means)."""
         sock = self._socket()
         deadline = time.monotonic() + (self.reply_timeout if timeout is None else timeout)
@@ -202,7 +202,7 @@ class Connection:
                 )
             self._decoder.feed(self._rbuf[:nbytes])
 
-    def read_reply(self, parser: p.ReplyParser) -> object:
+    def read_reply(self, parser: p.ReplyParser) -> Any:
         """Read a reply that must come promptly; a timeout poisons the connection."""
         try:
             return self.read(parser)

@@ -14,6 +14,7 @@ which drops the connection instead) we fall back to torch's two round trips.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -30,6 +31,8 @@ from .server import BackgroundServer, StoreServer
 from .store import DEFAULT_TIMEOUT, Store
 
 __all__ = ["TCPStore"]
+
+log = logging.getLogger("rdzv_store.tcpstore")
 
 # multi_tenant=True: one server per port per process, shared by reference count.
 _tenants: dict[int, tuple[BackgroundServer, int]] = {}
@@ -87,6 +90,9 @@ class TCPStore(Store):
             raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
         self.host = host_name
         self._use_libuv = bool(use_libuv)  # use_libuv=None selects torch's legacy rules, as in torch
+        # One round trip per get (CHECK and GET pipelined) relies on libuv's empty reply for a
+        # missing key; switched off for legacy servers, by the flag or by detection.
+        self._pipelined_get = self._use_libuv
         self._world_size = world_size
         self._server: BackgroundServer | None = None
         self._multi_tenant = multi_tenant
@@ -192,15 +198,43 @@ class TCPStore(Store):
         return self._multi_get([key], timeout)[0]
 
     def _multi_get(self, keys: list[bytes], timeout: float) -> list[bytes]:
-        if self._use_libuv:
-            try:
-                ready, values = self._conn.call_many(*cmd.check_then_multi_get(keys))
-            except StoreConnectionError as exc:
-                raise StoreConnectionError(f"{exc}{LEGACY_HINT}") from None
+        if self._pipelined_get:
+            data, (check_parser, get_parser) = cmd.check_then_multi_get(keys)
+            with self._conn.lock:
+                self._conn.send(data)
+                ready = self._conn.read_reply(check_parser)
+                try:
+                    values = self._conn.read_reply(get_parser)
+                except StoreConnectionError:
+                    if ready:
+                        raise
+                    self._fall_back_to_wait_then_get()
+                    return self._multi_get(keys, timeout)
             if ready:
                 return values
         self._wait(keys, timeout)
         return self._conn.call(cmd.multi_get(keys))
+
+    def _fall_back_to_wait_then_get(self) -> None:
+        """NOT_READY, then the connection dropped on the GET: torch's legacy server.
+
+        Only that server closes a connection on a GET of a missing key. This client
+        is strictly sequential (one request in flight under its lock), so nothing
+        was lost with the old connection: reconnect once and use torch's
+        WAIT-then-GET from now on. One attempt only: if the server is really gone,
+        fail now rather than retry for the whole store timeout.
+        """
+        self._pipelined_get = False
+        try:
+            self._conn = Connection(self.host, self.port, 0.0, secret=self._secret)
+        except StoreConnectionError as exc:
+            raise StoreConnectionError(f"{exc}{LEGACY_HINT}") from None
+        self._conn.set_reply_timeout(self._timeout_s)
+        log.warning(
+            "the store at %s dropped the connection on a GET of a missing key, as torch's legacy "
+            "server does: using WAIT then GET from now on (pass use_libuv=False to skip this)",
+            self._conn.address,
+        )
 
     def _add(self, key: bytes, amount: int) -> int:
         return self._conn.call(cmd.add(key, amount))
