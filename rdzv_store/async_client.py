@@ -11,6 +11,11 @@ Two kinds of connection:
   WAIT's late reply cannot be told apart from the replies of later requests
   on the same connection. So many waits can be in flight on one loop.
 
+``get`` pipelines CHECK and GET (one round trip) when the primary
+connection's handshake probe (``commands.PROBE_KEY``) shows that the server
+answers a GET of a missing key with an empty value; on torch's legacy server,
+which drops the connection instead, ``get`` uses WAIT then GET.
+
 The protocol orders nothing across connections, and SET has no reply. So
 before a blocking request goes out on a pooled connection, the primary is
 flushed with a PING whenever it carries unacknowledged writes. Without that,
@@ -21,6 +26,7 @@ has not seen yet.
 from __future__ import annotations
 
 import asyncio
+import logging
 import collections
 import os
 from collections.abc import Iterable, Sequence
@@ -32,13 +38,20 @@ from . import auth
 from . import commands as cmd
 from . import protocol as p
 from .args import Key, Timeout, Value, check_int64, key_bytes, key_list, same_length, timeout_seconds, value_bytes
-from .errors import LEGACY_HINT, QueueEmptyError, StoreConnectionError, StoreTimeoutError, barrier_timeout, format_ms, wait_timeout
+from .errors import QueueEmptyError, StoreConnectionError, StoreTimeoutError, barrier_timeout, format_ms, wait_timeout
 from .retry import ConnectRetry
 from .store import DEFAULT_TIMEOUT
 
 __all__ = ["AsyncTCPStore"]
 
+log = logging.getLogger("rdzv_store.async_client")
+
 _IDLE_POOL = 8  # idle blocking connections kept for reuse
+
+
+class _LegacyServerDetected(Exception):
+    """The server dropped the connection on a GET of a missing key: torch's legacy server.
+    (Deliberately not an OSError/StoreConnectionError: the connect loop must not retry it.)"""
 
 
 class _AsyncConnection(asyncio.Protocol):
@@ -53,8 +66,14 @@ class _AsyncConnection(asyncio.Protocol):
         self.unacked_writes = False
 
     @classmethod
-    async def open(cls, host: str, port: int, timeout: float, secret: bytes | None = None) -> _AsyncConnection:
-        """Connect (retrying per ``retry.ConnectRetry``) until ``timeout``, then do torch's handshake."""
+    async def open(
+        cls, host: str, port: int, timeout: float, secret: bytes | None = None, probe: bool = False
+    ) -> _AsyncConnection:
+        """Connect (retrying per ``retry.ConnectRetry``) until ``timeout``, then do torch's handshake.
+
+        ``probe``: also pipeline a GET of ``commands.PROBE_KEY`` (no extra round trip) and raise
+        ``_LegacyServerDetected`` if the server drops the connection on it.
+        """
         loop = asyncio.get_running_loop()
         retry = ConnectRetry(host, port, timeout)
         while True:
@@ -68,11 +87,18 @@ class _AsyncConnection(asyncio.Protocol):
                 if secret is not None:  # the shared-secret check, pipelined behind the PING
                     key, proof = auth.client_request_key(secret)
                     check = conn.request(*cmd.get_raw(key))
+                probed = conn.request(*cmd.get_raw(cmd.PROBE_KEY)) if probe else None
                 echo = await asyncio.wait_for(ping, retry.attempt_timeout())
                 if echo != nonce.to_bytes(4, "little"):
                     raise ConnectionError(f"PING failed: sent nonce {nonce}, got {echo.hex()}")
                 if check is not None:
                     await cls._check_secret(conn, check, proof, retry.attempt_timeout())
+                if probed is not None:
+                    try:
+                        await asyncio.wait_for(probed, retry.attempt_timeout())
+                    except StoreConnectionError:
+                        conn.close()  # the handshake was answered, then the GET dropped us
+                        raise _LegacyServerDetected() from None
                 return conn
             except auth.StoreAuthError:
                 conn.close()
@@ -192,6 +218,9 @@ class AsyncTCPStore:
         self.port = port
         self._timeout_s = timeout_seconds(timeout)
         self._use_libuv = bool(use_libuv)
+        # One round trip per get (CHECK and GET pipelined) needs libuv's empty reply for a
+        # missing key; the primary connection's probe turns it off on torch's legacy server.
+        self._pipelined_get = self._use_libuv
         self._primary: _AsyncConnection | None = None
         self._idle: list[_AsyncConnection] = []
         self._busy: set[_AsyncConnection] = set()
@@ -215,11 +244,26 @@ class AsyncTCPStore:
             self._connecting = asyncio.Lock()
         async with self._connecting:  # many first calls at once open one connection, not many
             if self._primary is None or not self._primary.usable:
-                self._primary = await self._open()
+                self._primary = await self._open_primary()
         return self
 
     async def _open(self) -> _AsyncConnection:
         return await _AsyncConnection.open(self.host, self.port, self._timeout_s, self._secret)
+
+    async def _open_primary(self) -> _AsyncConnection:
+        if not self._pipelined_get:
+            return await self._open()
+        try:
+            return await _AsyncConnection.open(self.host, self.port, self._timeout_s, self._secret, probe=True)
+        except _LegacyServerDetected:
+            # Nothing but the handshake went out on that connection, so nothing was lost.
+            self._pipelined_get = False
+            log.warning(
+                "the store at %s dropped the connection on a GET of a missing key, as torch's legacy "
+                "server does: using WAIT then GET (pass use_libuv=False to skip this probe)",
+                self.address,
+            )
+            return await self._open()
 
     async def close(self) -> None:
         for conn in [self._primary, *self._idle, *self._busy]:
@@ -309,16 +353,13 @@ class AsyncTCPStore:
 
     async def multi_get(self, keys: Iterable[Key]) -> list[bytes]:
         raw = key_list(keys)
-        if self._use_libuv:
-            conn = await self._connected()
+        conn = await self._connected()  # settles _pipelined_get (the primary's probe)
+        if self._pipelined_get:
             data, (check_parser, get_parser) = cmd.check_then_multi_get(raw)
             conn.write(data)
-            try:
-                ready, values = await asyncio.gather(
-                    self._await_reply(conn, conn.expect(check_parser)), self._await_reply(conn, conn.expect(get_parser))
-                )
-            except StoreConnectionError as exc:
-                raise StoreConnectionError(f"{exc}{LEGACY_HINT}") from None
+            ready, values = await asyncio.gather(
+                self._await_reply(conn, conn.expect(check_parser)), self._await_reply(conn, conn.expect(get_parser))
+            )
             if ready:
                 return values  # type: ignore[no-any-return]
         await self.wait(raw)

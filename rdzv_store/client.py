@@ -49,6 +49,14 @@ def connect_with_retry(host: str, port: int, timeout: float, secret: bytes | Non
     Retries follow ``retry.ConnectRetry``. One attempt is always made, even
     with ``timeout <= 0``.
     """
+    return _connect(host, port, timeout, secret)[0]
+
+
+def _connect(
+    host: str, port: int, timeout: float, secret: bytes | None = None, probe: bool = False
+) -> tuple[socket.socket, bool | None]:
+    """``connect_with_retry``, plus, with ``probe``, whether the server follows libuv's rules
+    (see ``commands.PROBE_KEY``); ``None`` when not probed."""
     retry = ConnectRetry(host, port, timeout)
     while True:
         try:
@@ -57,14 +65,20 @@ def connect_with_retry(host: str, port: int, timeout: float, secret: bytes | Non
             error: OSError = exc
         else:
             try:
-                _handshake(sock, retry.deadline, secret, f"{host}:{port}")
-                return sock
+                libuv_rules = _handshake(sock, retry.deadline, secret, f"{host}:{port}", probe)
             except auth.StoreAuthError:
                 sock.close()
                 raise
             except OSError as exc:
                 sock.close()
                 error = exc
+            else:
+                if libuv_rules is not False:
+                    return sock, libuv_rules
+                # torch's legacy server answered the handshake, then dropped us on the probe's
+                # GET. Nothing else was sent: connect again at once, without the probe.
+                sock.close()
+                return _connect(host, port, max(retry.deadline - time.monotonic(), 0.0), secret)[0], False
         time.sleep(retry.after_failure(error))
 
 
@@ -78,7 +92,11 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def _handshake(sock: socket.socket, deadline: float, secret: bytes | None = None, address: str = "") -> None:
+def _handshake(
+    sock: socket.socket, deadline: float, secret: bytes | None = None, address: str = "", probe: bool = False
+) -> bool | None:
+    """Send VALIDATE and PING (plus the secret check and the probe, pipelined); check the replies.
+    Returns the probe's verdict: True for libuv rules, False for a legacy server, None unprobed."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     nonce = os.getpid() & 0xFFFFFFFF
     # Both in one send: torch's libuv server also accepts them merged in one segment.
@@ -88,6 +106,8 @@ def _handshake(sock: socket.socket, deadline: float, secret: bytes | None = None
     if secret is not None:  # the shared-secret check, pipelined: no extra round trip
         key, proof = auth.client_request_key(secret)
         request += p.encode_key(p.QueryType.GET, key)
+    if probe:
+        request += commands.get_raw(commands.PROBE_KEY)[0]
     sock.sendall(request)
     echo = _recv_exactly(sock, 4)
     if echo != nonce.to_bytes(4, "little"):
@@ -102,13 +122,29 @@ def _handshake(sock: socket.socket, deadline: float, secret: bytes | None = None
                 "secret, clocks more than 5 minutes apart, or a replay (see the server log)"
             ) from None
         auth.check_server_reply(reply, proof, address)
+    if not probe:
+        return None
+    try:
+        (length,) = struct.unpack("<Q", _recv_exactly(sock, 8))
+    except ConnectionError:
+        return False  # answered the PING, then dropped the GET of a missing key: legacy rules
+    if length > 65536:
+        raise ConnectionError(f"implausible reply of {length} bytes to the handshake probe")
+    _recv_exactly(sock, length)
+    return True
 
 
 class Connection:
     """A validated connection with request/reply helpers. Thread-safe."""
 
     def __init__(
-        self, host: str, port: int, timeout: float, limits: p.Limits = p.Limits(), secret: bytes | None = None
+        self,
+        host: str,
+        port: int,
+        timeout: float,
+        limits: p.Limits = p.Limits(),
+        secret: bytes | None = None,
+        probe: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -119,7 +155,8 @@ class Connection:
         self.lock = threading.RLock()
         self._decoder = p.StreamDecoder(limits.max_request)
         self._rbuf = memoryview(bytearray(_RECV))
-        self._sock: socket.socket | None = connect_with_retry(host, port, timeout, secret)
+        sock, self.libuv_rules = _connect(host, port, timeout, secret, probe)
+        self._sock: socket.socket | None = sock
         self._io_timeout: float | None = None  # the kernel timeout set on the socket, if any
         if _KERNEL_TIMEOUTS:
             self._sock.settimeout(None)  # blocking; the kernel times out each send/recv

@@ -19,6 +19,10 @@ __all__ = ["PREFIX", "INIT_KEY", "Command"]
 
 PREFIX = b"/"  # torch's TCPStore client prefixes every user key with "/"
 INIT_KEY = b"init/"  # the worker count of world_size/wait_for_workers; unprefixed, as in torch
+# A key no client can write (user keys start with "/"): GET of it tells a server that answers a
+# missing key with an empty value (libuv rules: ours, torch's default) from torch's legacy one,
+# which drops the connection instead.
+PROBE_KEY = b"\x00rdzv-store/libuv-probe"
 
 _Q = p.QueryType
 Command = tuple[bytes, "p.ReplyParser | None"]

@@ -21,7 +21,6 @@ __all__ = [
     "format_ms",
     "wait_timeout",
     "barrier_timeout",
-    "LEGACY_HINT",
 ]
 
 
@@ -75,10 +74,3 @@ def barrier_timeout(key: bytes, timeout: float, where: str) -> StoreTimeoutError
     """torch's TCPStore barrier message (the key without the "/" prefix), plus the store."""
     return StoreTimeoutError(f"barrier timeout after {format_ms(timeout)}, key: {format_keys([key])} ({where})")
 
-
-# The pipelined CHECK+GET of our clients relies on libuv's "GET of a missing key answers an
-# empty value"; torch's legacy server drops the connection instead. Say so when it happens.
-LEGACY_HINT = (
-    "; if this is torch's legacy TCPStore server (use_libuv=False), which drops the connection "
-    "on a GET of a missing key, create this client with use_libuv=False"
-)

@@ -8,8 +8,10 @@ background thread of this process.
 Faster than torch where the protocol allows it: ``get``/``multi_get`` of keys
 that already exist take one round trip (CHECK and GET pipelined) instead of
 torch's WAIT-then-GET. That relies on the libuv rule that a GET of a missing
-key answers an empty value; with ``use_libuv=False`` (torch's legacy server,
-which drops the connection instead) we fall back to torch's two round trips.
+key answers an empty value. torch's legacy server drops the connection
+instead, so the connection's handshake carries a probe (``commands.PROBE_KEY``,
+no extra round trip): on a legacy server, and with ``use_libuv=False``, we use
+torch's two round trips.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from . import commands as cmd
 from .args import Timeout, timeout_seconds
 from .auth import coerce_secret
 from .client import Connection
-from .errors import LEGACY_HINT, QueueEmptyError, StoreConnectionError, StoreTimeoutError
+from .errors import QueueEmptyError, StoreConnectionError, StoreTimeoutError
 from .server import BackgroundServer, StoreServer
 from .store import DEFAULT_TIMEOUT, Store
 
@@ -91,7 +93,7 @@ class TCPStore(Store):
         self.host = host_name
         self._use_libuv = bool(use_libuv)  # use_libuv=None selects torch's legacy rules, as in torch
         # One round trip per get (CHECK and GET pipelined) relies on libuv's empty reply for a
-        # missing key; switched off for legacy servers, by the flag or by detection.
+        # missing key; off for legacy servers, by the flag or by the connection's probe.
         self._pipelined_get = self._use_libuv
         self._world_size = world_size
         self._server: BackgroundServer | None = None
@@ -106,7 +108,14 @@ class TCPStore(Store):
                 self.port = self._server.port
         self._finalizer = weakref.finalize(self, _release_server, self._server, self.port, multi_tenant)
         try:
-            self._conn = Connection(host_name, self.port, self._timeout_s, secret=self._secret)
+            self._conn = Connection(host_name, self.port, self._timeout_s, secret=self._secret, probe=self._use_libuv)
+            if self._use_libuv and not self._conn.libuv_rules:
+                self._pipelined_get = False
+                log.warning(
+                    "the store at %s dropped a GET of a missing key, as torch's legacy server does: "
+                    "using WAIT then GET (pass use_libuv=False to skip this probe)",
+                    self._conn.address,
+                )
             if world_size is not None and wait_for_workers:
                 self._conn.call(cmd.add_raw(cmd.INIT_KEY, 1))
                 if self._server is not None:
@@ -199,42 +208,11 @@ class TCPStore(Store):
 
     def _multi_get(self, keys: list[bytes], timeout: float) -> list[bytes]:
         if self._pipelined_get:
-            data, (check_parser, get_parser) = cmd.check_then_multi_get(keys)
-            with self._conn.lock:
-                self._conn.send(data)
-                ready = self._conn.read_reply(check_parser)
-                try:
-                    values = self._conn.read_reply(get_parser)
-                except StoreConnectionError:
-                    if ready:
-                        raise
-                    self._fall_back_to_wait_then_get()
-                    return self._multi_get(keys, timeout)
+            ready, values = self._conn.call_many(*cmd.check_then_multi_get(keys))
             if ready:
-                return values
+                return values  # type: ignore[no-any-return]
         self._wait(keys, timeout)
-        return self._conn.call(cmd.multi_get(keys))
-
-    def _fall_back_to_wait_then_get(self) -> None:
-        """NOT_READY, then the connection dropped on the GET: torch's legacy server.
-
-        Only that server closes a connection on a GET of a missing key. This client
-        is strictly sequential (one request in flight under its lock), so nothing
-        was lost with the old connection: reconnect once and use torch's
-        WAIT-then-GET from now on. One attempt only: if the server is really gone,
-        fail now rather than retry for the whole store timeout.
-        """
-        self._pipelined_get = False
-        try:
-            self._conn = Connection(self.host, self.port, 0.0, secret=self._secret)
-        except StoreConnectionError as exc:
-            raise StoreConnectionError(f"{exc}{LEGACY_HINT}") from None
-        self._conn.set_reply_timeout(self._timeout_s)
-        log.warning(
-            "the store at %s dropped the connection on a GET of a missing key, as torch's legacy "
-            "server does: using WAIT then GET from now on (pass use_libuv=False to skip this)",
-            self._conn.address,
-        )
+        return self._conn.call(cmd.multi_get(keys))  # type: ignore[no-any-return]
 
     def _add(self, key: bytes, amount: int) -> int:
         return self._conn.call(cmd.add(key, amount))

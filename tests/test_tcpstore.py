@@ -414,3 +414,12 @@ def test_hashstore_get_ignores_a_queue_of_the_same_name():
 def test_store_errors_are_runtime_errors():
     assert issubclass(StoreError, RuntimeError)
     assert issubclass(StoreConnectionError, ConnectionError)
+
+
+def test_handshake_probe_finds_libuv_rules_on_our_server(master):
+    # The probe is a GET of a key no client can write; our server answers it with an empty value.
+    with TCPStore("127.0.0.1", master.port, timeout=5) as probed:
+        assert probed._conn.libuv_rules is True and probed._pipelined_get
+    with TCPStore("127.0.0.1", master.port, timeout=5, use_libuv=False) as legacy:
+        assert legacy._conn.libuv_rules is None and not legacy._pipelined_get  # no probe sent
+    assert master.list_keys() == []  # the probe stores nothing

@@ -709,20 +709,8 @@ def test_our_values_against_torch_server(torch_server: tuple[Any, bool], make_ou
     assert ours.multi_get(["ours/ключ", "theirs"]) == [value, value]
 
 
-_LEGACY_XFAIL = (
-    "the async client's default use_libuv=True pipelines CHECK+MULTI_GET for get(); torch's legacy "
-    "server answers CHECK with 01 (NOT_READY) and then closes the connection on the MULTI_GET of "
-    "the missing key. The sync client detects this and falls back to WAIT then GET; the async "
-    "client cannot safely (other requests may be pipelined behind the GET), so it fails with a hint."
-)
-
-
-def test_ours_default_flag_get_blocks_on_legacy_torch_server(
-    make_ours: Any, closing: Any, request: pytest.FixtureRequest
-) -> None:
+def test_ours_default_flag_get_blocks_on_legacy_torch_server(make_ours: Any, closing: Any) -> None:
     """torch: the client's use_libuv flag matters only for queues; key ops work on either server."""
-    if request.node.callspec.params["make_ours"] == "async":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_LEGACY_XFAIL))
     server = closing(TorchTCPStore(HOST, 0, is_master=True, timeout=TIMEOUT, use_libuv=False))
     t = closing(torch_client(server.port, use_libuv=True))
     call = run_in_thread(t.get, "late")  # control: torch's own client, same flag, same server
@@ -737,25 +725,24 @@ def test_ours_default_flag_get_blocks_on_legacy_torch_server(
     assert call.result(5) == b"y"
 
 
-def test_sync_client_falls_back_once_on_a_legacy_server(closing: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_default_flag_clients_detect_a_legacy_server_once(
+    make_ours: Any, closing: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handshake's probe finds the legacy server; one warning, and the client carries on."""
     server = closing(TorchTCPStore(HOST, 0, is_master=True, timeout=TIMEOUT, use_libuv=False))
-    ours = closing(TCPStore(HOST, server.port, timeout=TIMEOUT))  # default flag
-    ours.set("before", "1")
-    with caplog.at_level("WARNING", logger="rdzv_store.tcpstore"):
-        call = run_in_thread(ours.get, "later")
-        assert_blocked(call)
-        server.set("later", "2")
-        assert call.result(5) == b"2"
-    assert [r.message for r in caplog.records if "legacy" in r.message] != []
-    assert ours.get("before") == b"1" and ours.add("n", 1) == 1  # the new connection carries on
+    with caplog.at_level("WARNING", logger="rdzv_store"):
+        ours = make_ours(server.port)
+        ours.set("before", "1")
+        assert ours.get("before") == b"1"
+        assert ours.add("n", 1) == 1
+    assert sum("legacy server" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_async_default_flag_on_legacy_server_fails_with_a_hint(closing: Any) -> None:
-    """Until the async xfail above is fixed: the failure names the likely cause and the fix."""
-    server = closing(TorchTCPStore(HOST, 0, is_master=True, timeout=TIMEOUT, use_libuv=False))
-    ours = closing(AsyncFacade(HOST, server.port, timeout=TIMEOUT))
-    with pytest.raises(StoreConnectionError, match=r"legacy TCPStore server.*use_libuv=False"):
-        ours.get("missing")
+def test_default_flag_clients_keep_one_round_trip_gets_on_libuv(our_port: int, closing: Any) -> None:
+    torch_libuv = closing(TorchTCPStore(HOST, 0, is_master=True, timeout=TIMEOUT, use_libuv=True))
+    for port in (our_port, torch_libuv.port):
+        ours = closing(TCPStore(HOST, port, timeout=TIMEOUT))
+        assert ours._pipelined_get, f"probe misread the server on port {port}"
 
 
 def test_async_client_concurrent_ops_against_torch_server(torch_server: tuple[Any, bool]) -> None:
