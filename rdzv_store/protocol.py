@@ -25,7 +25,7 @@ import enum
 import struct
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Union
+from typing import Any, Final
 
 __all__ = [
     "MAGIC",
@@ -147,7 +147,7 @@ class StreamDecoder:
 
         (A parser may be waiting for the first byte of the next message; that is not "in" one.)
         """
-        return self._size > 0 or self.buffered > 0
+        return self.held > 0
 
     def decode(self, start: Callable[[], Parser], fast: FastParser | None = None) -> Any:
         buf = self._buf
@@ -495,6 +495,3 @@ def parse_queue_pop(limits: Limits = Limits()) -> Parser:
     if available <= 0:
         return None
     return (yield from _read_bytes(limits.max_value, "value"))
-
-
-Reply = Union[int, bytes, list, None]

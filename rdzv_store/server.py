@@ -161,11 +161,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._decoder.feed(self._server._read_buffer[:nbytes])
         self._process()
 
-    def data_received(self, data: bytes) -> None:
-        self._rx += len(data)
-        self._decoder.feed(data)
-        self._process()
-
     def _process(self) -> None:
         decoder = self._decoder
         replies: list[bytes] = []

@@ -158,7 +158,6 @@ class TCPStore(Store):
 
     def _wait_for_workers(self, world_size: int) -> None:
         deadline = time.monotonic() + self._timeout_s
-        joined = 0
         while True:
             joined = int(self._conn.call(cmd.get_raw(cmd.INIT_KEY)) or b"0")
             if joined >= world_size:
