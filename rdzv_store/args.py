@@ -21,6 +21,8 @@ __all__ = [
     "key_list",
     "value_bytes",
     "timeout_seconds",
+    "reply_bound",
+    "DEFAULT_TIMEOUT",
     "int64",
     "parse_int64",
     "INT64_MIN",
@@ -30,6 +32,9 @@ __all__ = [
 Key = Union[str, bytes]
 Value = Union[str, bytes, bytearray]
 Timeout = Union[timedelta, float, int]
+
+#: torch's default store timeout (``kDefaultTimeout``).
+DEFAULT_TIMEOUT = timedelta(seconds=300)
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -65,6 +70,15 @@ def timeout_seconds(timeout: Timeout) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a timedelta or seconds, not {type(timeout).__name__}")
     return float(timeout)
+
+
+def reply_bound(store_timeout: float) -> float:
+    """How long a client waits for a reply that must come promptly.
+
+    The store timeout, except that a store timeout <= 0 means "do not wait" for
+    waits, not "fail every reply": replies then get torch's default instead.
+    """
+    return store_timeout if store_timeout > 0 else DEFAULT_TIMEOUT.total_seconds()
 
 
 def int64(value: int) -> int:

@@ -37,8 +37,8 @@ from typing import Any
 from . import auth
 from . import commands as cmd
 from . import protocol as p
-from .args import Key, Timeout, Value, check_int64, key_bytes, key_list, same_length, timeout_seconds, value_bytes
-from .errors import QueueEmptyError, StoreConnectionError, StoreTimeoutError, barrier_timeout, format_ms, wait_timeout
+from .args import Key, reply_bound, Timeout, Value, check_int64, key_bytes, key_list, same_length, timeout_seconds, value_bytes
+from .errors import queue_empty, StoreConnectionError, StoreTimeoutError, barrier_timeout, format_ms, wait_timeout
 from .retry import ConnectRetry
 from .store import DEFAULT_TIMEOUT
 
@@ -283,7 +283,7 @@ class AsyncTCPStore:
 
     # -- plumbing ----------------------------------------------------------------------------
     def _reply_timeout(self) -> float:
-        return self._timeout_s if self._timeout_s > 0 else DEFAULT_TIMEOUT.total_seconds()
+        return reply_bound(self._timeout_s)
 
     async def _await_reply(self, conn: _AsyncConnection, future: asyncio.Future[Any]) -> Any:
         try:
@@ -402,24 +402,20 @@ class AsyncTCPStore:
         seconds = self._timeout_s if timeout is None else timeout_seconds(timeout)
         await self._blocking(cmd.barrier(raw, int(world_size)), seconds, [raw], "barrier")
 
-    def _require_queues(self) -> None:
-        if not self._use_libuv:
-            raise NotImplementedError("queues not implemented on legacy TCPStore backend")
-
     async def queue_push(self, key: Key, value: Value) -> None:
-        self._require_queues()
+        cmd.require_queues(self._use_libuv)
         await self._call(cmd.queue_push(key_bytes(key), value_bytes(value)))
 
     async def queue_pop(self, key: Key, block: bool = True) -> bytes:
-        self._require_queues()
+        cmd.require_queues(self._use_libuv)
         raw = key_bytes(key)
         if block:
             await self.wait([raw])
         value = await self._call(cmd.queue_pop(raw))
         if value is None:
-            raise QueueEmptyError(f"queue is empty (key /{raw.decode('utf-8', 'replace')}, TCPStore at {self.address})")
+            raise queue_empty(cmd.PREFIX + raw, f"TCPStore at {self.address}")
         return value  # type: ignore[no-any-return]
 
     async def queue_len(self, key: Key) -> int:
-        self._require_queues()
+        cmd.require_queues(self._use_libuv)
         return await self._call(cmd.queue_len(key_bytes(key)))  # type: ignore[no-any-return]

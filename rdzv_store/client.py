@@ -21,6 +21,7 @@ from typing import Any
 from . import commands
 from . import auth
 from . import protocol as p
+from .args import reply_bound
 from .errors import StoreConnectionError, StoreTimeoutError, barrier_timeout, format_ms, wait_timeout
 from .retry import ConnectRetry
 
@@ -164,7 +165,7 @@ class Connection:
     def set_reply_timeout(self, timeout: float) -> None:
         """Bound for every reply read. A store timeout <= 0 means "do not wait" for waits,
         not "fail every reply", so it falls back to torch's default of 300 s here."""
-        self.reply_timeout = timeout if timeout > 0 else 300.0
+        self.reply_timeout = reply_bound(timeout)
 
     def close(self) -> None:
         with self.lock:

@@ -28,6 +28,12 @@ _Q = p.QueryType
 Command = tuple[bytes, "p.ReplyParser | None"]
 
 
+def require_queues(use_libuv: bool) -> None:
+    """torch's client refuses queue operations when its own flag says legacy server, sending nothing."""
+    if not use_libuv:
+        raise NotImplementedError("queues not implemented on legacy TCPStore backend")
+
+
 def _then(parser: p.ReplyParser, fn: Callable[[Any], Any]) -> p.ReplyParser:
     def start() -> p.Parser:
         return fn((yield from parser()))

@@ -21,6 +21,7 @@ __all__ = [
     "format_ms",
     "wait_timeout",
     "barrier_timeout",
+    "queue_empty",
 ]
 
 
@@ -74,3 +75,8 @@ def barrier_timeout(key: bytes, timeout: float, where: str) -> StoreTimeoutError
     """torch's TCPStore barrier message (the key without the "/" prefix), plus the store."""
     return StoreTimeoutError(f"barrier timeout after {format_ms(timeout)}, key: {format_keys([key])} ({where})")
 
+
+
+def queue_empty(key: bytes, where: str) -> QueueEmptyError:
+    """torch's "queue is empty", plus the key and the store."""
+    return QueueEmptyError(f"queue is empty (key {format_keys([key])}, {where})")

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from .engine import Engine
-from .errors import QueueEmptyError, format_keys, wait_timeout
+from .errors import format_keys, queue_empty, wait_timeout
 from .store import Store
 
 __all__ = ["HashStore"]
@@ -105,7 +105,7 @@ class HashStore(Store):
         with self._lock:
             _, value = self._engine.queue_pop(key)
         if value is None:
-            raise QueueEmptyError(f"queue is empty (key {format_keys([key])})")
+            raise queue_empty(key, "HashStore")
         return value
 
     def _block_until(self, keys: list[bytes], ready: Callable[[], bool], timeout: float) -> None:

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from .args import (
+    DEFAULT_TIMEOUT,
     Key,
     Timeout,
     Value,
@@ -31,8 +32,6 @@ __all__ = ["Store", "DEFAULT_TIMEOUT"]
 
 _S = TypeVar("_S", bound="Store")
 
-#: torch's default store timeout (``kDefaultTimeout``).
-DEFAULT_TIMEOUT = timedelta(seconds=300)
 
 
 class Store:

@@ -28,7 +28,7 @@ from . import commands as cmd
 from .args import Timeout, timeout_seconds
 from .auth import coerce_secret
 from .client import Connection
-from .errors import QueueEmptyError, StoreConnectionError, StoreTimeoutError
+from .errors import queue_empty, StoreConnectionError, StoreTimeoutError
 from .server import BackgroundServer, StoreServer
 from .store import DEFAULT_TIMEOUT, Store
 
@@ -243,25 +243,21 @@ class TCPStore(Store):
     def _barrier(self, key: bytes, world_size: int, timeout: float) -> None:
         self._conn.wait(cmd.barrier(key, world_size), timeout, [key], "barrier")
 
-    def _require_queues(self) -> None:
-        if not self._use_libuv:
-            raise NotImplementedError("queues not implemented on legacy TCPStore backend")
-
     def _queue_push(self, key: bytes, value: bytes) -> None:
-        self._require_queues()
+        cmd.require_queues(self._use_libuv)
         self._conn.call(cmd.queue_push(key, value))
 
     def _queue_pop(self, key: bytes, block: bool, timeout: float) -> bytes:
-        self._require_queues()
+        cmd.require_queues(self._use_libuv)
         if block:
             self._wait([key], timeout)
         value = self._conn.call(cmd.queue_pop(key))
         if value is None:
-            raise QueueEmptyError(f"queue is empty (key /{key.decode('utf-8', 'replace')}, TCPStore at {self._conn.address})")
+            raise queue_empty(cmd.PREFIX + key, f"TCPStore at {self._conn.address}")
         return value
 
     def _queue_len(self, key: bytes) -> int:
-        self._require_queues()
+        cmd.require_queues(self._use_libuv)
         return self._conn.call(cmd.queue_len(key))
 
     def set_timeout(self, timeout: Timeout) -> None:
