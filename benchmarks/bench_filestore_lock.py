@@ -1,4 +1,7 @@
-"""FileStore benchmarks: how to take the flock, how fast a blocked get wakes, single-process ops/s.
+"""FileStore benchmarks: how to take the flock, and how fast a blocked get wakes.
+
+(Single-process ops/s, ours against torch's, is the runner's figure:
+``python -m benchmarks --only filestore``, in ``bench_filestore``.)
 
 ``run(seconds, processes)`` is the lock comparison the FileStore design rests
 on: ``processes`` processes share one file and each loops over
@@ -17,8 +20,8 @@ slowest and fastest process of the median run for fairness). Workers are
 fresh ``sys.executable`` processes of this very file, driven over pipes; every
 wait is bounded and every process is reaped.
 
-``python benchmarks/bench_filestore_lock.py [seconds] [processes]`` prints all
-three measurements; run it with an interpreter that has torch to get torch's
+``python benchmarks/bench_filestore_lock.py [seconds] [processes]`` prints both
+measurements; run it with an interpreter that has torch to get torch's
 numbers alongside.
 """
 
@@ -280,35 +283,6 @@ def wakeup_latency(samples: int = 30, waiter: str = "ours", settle: tuple[float,
     }
 
 
-def single_process(n: int = 20000, lib: str = "ours") -> dict:
-    """ops/s of set/get/add/check (1 KiB values) from one process, no contention."""
-    workdir = tempfile.mkdtemp(prefix="bench-filestore-single-")
-    store = open_store("torch" if lib == "torch" else "fcntl", os.path.join(workdir, "store"))
-    out: dict[str, Any] = {"lib": lib, "n": n}
-    try:
-        store.set("k", VALUE)
-        ops = {
-            "set": lambda: store.set("k", VALUE),
-            "get": lambda: store.get("k"),
-            "add": lambda: store.add("c", 1),
-            "check": lambda: store.check(["k"]),
-        }
-        for name, op in ops.items():
-            reps = []
-            for _ in range(3):
-                start = time.perf_counter()
-                for _ in range(n):
-                    op()
-                reps.append(n / (time.perf_counter() - start))
-            out[name] = round(statistics.median(reps))
-    finally:
-        if hasattr(store, "close"):
-            store.close()
-        del store
-        shutil.rmtree(workdir, ignore_errors=True)
-    return out
-
-
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--worker"]:
         _worker(int(argv[1]))
@@ -321,7 +295,6 @@ def main(argv: list[str]) -> int:
     report = {"lock_contention": run(seconds, processes)}
     libs = ["ours"] + (["torch"] if _torch_available() else [])
     report["wakeup_latency"] = [wakeup_latency(waiter=lib) for lib in libs]
-    report["single_process"] = [single_process(lib=lib) for lib in libs]
     print(json.dumps(report, indent=2))
     return 0
 
