@@ -9,7 +9,13 @@ messages are torch's, word for word, because launchers and tests match them.
 
 from __future__ import annotations
 
-from typing import Any
+import socket
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from rdzv_store import Store
 
 __all__ = [
     "RendezvousError",
@@ -19,6 +25,9 @@ __all__ = [
     "RendezvousStateError",
     "RendezvousGracefulExitError",
     "RendezvousParameters",
+    "RendezvousStoreInfo",
+    "RendezvousInfo",
+    "RendezvousHandler",
 ]
 
 
@@ -172,3 +181,120 @@ class RendezvousParameters:
                 f"The rendezvous configuration option '{key}' does not represent a valid integer "
                 "value."
             ) from exc
+
+
+def _get_free_port() -> int:
+    """A port that was free on ``localhost`` a moment ago (torch's ``get_free_port``; racy by nature).
+
+    Raises:
+        RuntimeError: No socket could be bound (``Failed to create a socket``, as torch).
+    """
+    for family, kind, proto, _, _ in socket.getaddrinfo("localhost", None, socket.AF_UNSPEC, socket.SOCK_STREAM):
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.bind(("localhost", 0))
+                sock.listen(0)
+                return int(sock.getsockname()[1])
+        except OSError:
+            continue
+    raise RuntimeError("Failed to create a socket")
+
+
+@dataclass
+class RendezvousStoreInfo:
+    """Where workers find the store to bootstrap their own communication (torch's class).
+
+    ``master_addr``/``master_port`` are published under the keys :attr:`MASTER_ADDR_KEY` and
+    :attr:`MASTER_PORT_KEY` of the round's prefix store; equality is the dataclass's.
+    """
+
+    MASTER_ADDR_KEY: ClassVar[str] = "MASTER_ADDR"
+    MASTER_PORT_KEY: ClassVar[str] = "MASTER_PORT"
+    master_addr: str
+    master_port: int
+
+    @staticmethod
+    def build(rank: int, store: Store, local_addr: str | None, server_port: int | None = None) -> RendezvousStoreInfo:
+        """Publish (rank 0) and read (every rank) ``MASTER_ADDR``/``MASTER_PORT``, as torch does.
+
+        Rank 0 writes ``local_addr or socket.getfqdn()`` and ``server_port`` (a falsy port: a port
+        free right now); then every rank blocking-``get``s both keys.
+
+        Raises:
+            Whatever the store raises: a non-zero rank waits up to the store's timeout for rank 0.
+        """
+        if rank == 0:
+            addr = local_addr or socket.getfqdn()
+            port = server_port or _get_free_port()
+            store.set(RendezvousStoreInfo.MASTER_ADDR_KEY, addr.encode("UTF-8"))
+            store.set(RendezvousStoreInfo.MASTER_PORT_KEY, str(port).encode("UTF-8"))
+        addr = store.get(RendezvousStoreInfo.MASTER_ADDR_KEY).decode("UTF-8")
+        port = int(store.get(RendezvousStoreInfo.MASTER_PORT_KEY).decode("UTF-8"))
+        return RendezvousStoreInfo(master_addr=addr, master_port=port)
+
+
+class RendezvousInfo:
+    """What a completed rendezvous gives a node: its store, rank, world size and bootstrap info."""
+
+    def __init__(self, store: Store, rank: int, world_size: int, bootstrap_store_info: RendezvousStoreInfo) -> None:
+        self._store = store
+        self._rank = rank
+        self._world_size = world_size
+        self._bootstrap_store_info = bootstrap_store_info
+
+    @property
+    def store(self) -> Store:
+        """The store of this round (a ``PrefixStore`` for the dynamic handler)."""
+        return self._store
+
+    @property
+    def rank(self) -> int:
+        """This node's rank in the round."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of nodes in the round."""
+        return self._world_size
+
+    @property
+    def bootstrap_store_info(self) -> RendezvousStoreInfo | None:
+        """Where the workers' store is (``MASTER_ADDR``/``MASTER_PORT``)."""
+        return self._bootstrap_store_info
+
+
+class RendezvousHandler(ABC):
+    """The rendezvous interface a launcher drives (torch's ABC, same members)."""
+
+    @abstractmethod
+    def get_backend(self) -> str:
+        """The name of the rendezvous backend."""
+
+    @property
+    def use_agent_store(self) -> bool:
+        """Whether workers should use the store published in the bootstrap info (default False)."""
+        return False
+
+    @abstractmethod
+    def next_rendezvous(self) -> RendezvousInfo:
+        """Block until this node is in a completed round; return its :class:`RendezvousInfo`."""
+
+    @abstractmethod
+    def is_closed(self) -> bool:
+        """Whether the rendezvous has been closed (eventually consistent)."""
+
+    @abstractmethod
+    def set_closed(self) -> None:
+        """Close the rendezvous: no further rounds."""
+
+    @abstractmethod
+    def num_nodes_waiting(self) -> int:
+        """Nodes waiting to join the next round (they join when members re-rendezvous)."""
+
+    @abstractmethod
+    def get_run_id(self) -> str:
+        """The run id of the rendezvous."""
+
+    @abstractmethod
+    def shutdown(self) -> bool:
+        """Stop this handler and close the rendezvous; True on success."""
