@@ -35,6 +35,21 @@ Memory bounds, decided here (see ``StoreServer`` for the parameters):
   ``request_timeout`` seconds, while we are reading) is closed. Connections
   idle *between* requests are never timed out: torch workers legitimately
   sit idle for hours. Dead peers are found by TCP keepalive instead.
+
+Metrics (``StoreServer(metrics=...)``, ``rdzv_store.metrics``): when off,
+``_Connection._metrics`` is ``None`` and the hooks below cost one ``is None``
+test per request. When on, the hooks are, and should stay, only these:
+
+* ``_Connection._process``: one ``metrics.record(op, request bytes, reply
+  bytes, ns)`` per handled request (request bytes from ``decoder.held`` before
+  and after it, time from ``perf_counter_ns`` chained from request to request);
+* ``StoreServer._admit``: ``accepted`` / ``refused``;
+* ``_Connection.connection_lost``: ``closed(reason, bytes received)``, the
+  reason set by ``close(..., why=)`` (or "eof"/"reset" when the peer ended it);
+* ``_Connection._notify``: ``released`` per waiter released.
+
+Everything else (open connections, keys, waiters, the incomplete-request
+budget) is read from the server's own state at scrape time (``_sample``).
 """
 
 from __future__ import annotations
@@ -45,12 +60,15 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
+from time import perf_counter_ns
 from typing import cast
 
 from . import protocol as p
 from .auth import AUTH_PREFIX, AuthVerifier, coerce_secret
 from .engine import Engine, Waiter
 from .errors import StoreConnectionError, format_keys
+from .metrics import CONTENT_TYPE, Sample, ServerMetrics
+from .metrics_http import MetricsEndpoint
 
 __all__ = ["StoreServer", "BackgroundServer", "DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_BUFFERED", "DEFAULT_REQUEST_TIMEOUT"]
 
@@ -120,6 +138,9 @@ class _Connection(asyncio.BufferedProtocol):
         # The replies of the batch being processed; a STOP_WAITING released by a request of
         # this same batch must queue behind the replies before it, not jump ahead of them.
         self._out: list[bytes] | None = None
+        self._metrics = server.metrics  # None: metrics off
+        self._admitted = False
+        self._why: str | None = None  # why we closed it (a metrics.CLOSE_REASONS key)
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -137,6 +158,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._drop_waiters()
         self._release()
         self._server._forget(self)
+        if self._metrics is not None and self._admitted:
+            self._metrics.closed(self._why or ("eof" if exc is None else "reset"), self._rx)
 
     def pause_writing(self) -> None:
         # The client is not reading its replies: stop reading its requests until it does.
@@ -166,12 +189,22 @@ class _Connection(asyncio.BufferedProtocol):
         replies: list[bytes] = []
         self._out = replies
         size = 0
+        metrics = self._metrics
+        if metrics is not None:
+            held = decoder.held  # the next request's bytes already consumed or buffered
+            t0 = perf_counter_ns()
         try:
             while True:
                 request = decoder.decode(self._start, self._fast)
                 if request is p.NEED_DATA:
                     break
                 reply = self._handle(request)
+                if metrics is not None:
+                    t1 = perf_counter_ns()
+                    rest = decoder.held
+                    metrics.record(request[0], held - rest, 0 if reply is None else len(reply), t1 - t0)
+                    held = rest
+                    t0 = t1
                 if reply is not None:
                     replies.append(reply)
                     size += len(reply)
@@ -184,7 +217,7 @@ class _Connection(asyncio.BufferedProtocol):
         except (p.ProtocolError, ValueError) as exc:
             self._out = None
             self._flush(replies)
-            self.close(str(exc))
+            self.close(str(exc), why="malformed" if isinstance(exc, p.ProtocolError) else "invalid")
             return
         self._out = None
         self._flush(replies)
@@ -207,7 +240,8 @@ class _Connection(asyncio.BufferedProtocol):
         if server.buffered > server.max_buffered:
             self.close(
                 f"server-wide budget for incomplete requests ({server.max_buffered} bytes) exhausted; "
-                f"this connection holds {held} bytes of an incomplete request"
+                f"this connection holds {held} bytes of an incomplete request",
+                why="budget",
             )
             return
         if self._stall is None and server.request_timeout is not None and self._transport is not None:
@@ -223,7 +257,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._paused or self._rx != rx_then:  # our fault, or the client is still sending
             self._stall = asyncio.get_running_loop().call_later(timeout, self._check_stall, self._rx)
             return
-        self.close(f"incomplete request ({self._held} bytes) and nothing received for {timeout:g} s")
+        self.close(f"incomplete request ({self._held} bytes) and nothing received for {timeout:g} s", why="stalled")
 
     def _release(self) -> None:
         if self._stall is not None:
@@ -238,7 +272,10 @@ class _Connection(asyncio.BufferedProtocol):
         if replies and self._transport is not None:
             self._transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
 
-    def close(self, reason: str | None = None) -> None:
+    def close(self, reason: str | None = None, why: str = "shutdown") -> None:
+        """Close this connection; ``reason`` is logged, ``why`` is the metrics' close reason."""
+        if self._why is None:
+            self._why = why
         if reason is not None:
             log.warning("closing connection from %s: %s", self.peer, reason)
         self._drop_waiters()
@@ -283,12 +320,18 @@ class _Connection(asyncio.BufferedProtocol):
         """GET, when the server has a secret: a key with the auth prefix is the check."""
         if r[1].startswith(AUTH_PREFIX):
             assert self._auth is not None
-            proof = self._auth.verify(r[1])  # ValueError: one warning, connection closed
+            try:
+                proof = self._auth.verify(r[1])  # ValueError: one warning, connection closed
+            except ValueError:
+                self._why = "auth"
+                raise
             self._validated = True
             return p.reply_bytes(proof)
         return self._get(r)
 
     def _notify(self) -> None:
+        if self._metrics is not None:
+            self._metrics.released += 1
         if self._out is not None:
             self._out.append(b"\x00")  # released by a request of our own batch: keep the order
         elif self._transport is not None and not self._transport.is_closing():
@@ -400,6 +443,58 @@ _HANDLERS: dict[int, Callable[[_Connection, p.Request], bytes | None]] = {
 }
 
 
+def _bind_sockets(host: str, port: int, failure: Callable[[str], str]) -> list[socket.socket]:
+    """Bound (not yet listening) sockets for every address ``host`` resolves to, one port for all.
+
+    Raises ``StoreConnectionError`` when ``host`` does not resolve or an address cannot be
+    bound (``failure(reason)`` words the message).
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StoreConnectionError(f"cannot resolve the server host {host!r}: {exc}") from None
+    socks: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, type_, proto, _, addr in infos:
+            if (family, addr[0]) in seen:
+                continue
+            seen.add((family, addr[0]))
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # With port 0, every address must share the port the first bind picked.
+            sock.bind((addr[0], port, *addr[2:]))
+            port = sock.getsockname()[1]
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else str(exc.strerror)
+        raise StoreConnectionError(failure(reason)) from exc
+    return socks
+
+
+def _metrics_address(metrics: int | tuple[str, int] | None) -> tuple[str, int] | None:
+    """Validate ``StoreServer(metrics=...)``: ``None``, a port (loopback) or ``(host, port)``."""
+    if metrics is None:
+        return None
+    host: object
+    port: object
+    if isinstance(metrics, tuple) and len(metrics) == 2:
+        host, port = metrics
+    else:
+        host, port = "127.0.0.1", metrics
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"metrics port must be an integer in 0..65535, not {port!r}")
+    if not isinstance(host, str) or not host:
+        raise ValueError(
+            f"metrics host must be a non-empty address, not {host!r} (ask for 0.0.0.0 or :: to bind every interface)"
+        )
+    return host, port
+
+
 class StoreServer:
     """The TCPStore server, to embed in a running asyncio loop.
 
@@ -430,6 +525,15 @@ class StoreServer:
       closed (it is checked at that interval, so the close comes between one
       and two timeouts after the last byte). Idle connections between
       requests are never closed.
+
+    ``metrics`` (default ``None``: off, nothing counted): serve Prometheus
+    metrics over HTTP at ``/metrics`` on this port of 127.0.0.1 (``0`` picks
+    one; see ``metrics_port``), or on ``(host, port)``; the README's "Metrics"
+    section lists them. ``self.metrics`` holds the counters (``None`` when off)
+    and ``render_metrics()`` the text, for embedders with their own HTTP server.
+
+    Raises ``ValueError`` for a ``metrics`` that is not a port in 0..65535 or
+    a ``(non-empty host, port)`` pair.
     """
 
     def __init__(
@@ -445,6 +549,7 @@ class StoreServer:
         request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
         secret: bytes | str | None = None,
         allow_torch_clients: bool = False,
+        metrics: int | tuple[str, int] | None = None,
     ) -> None:
         self.host = host
         self._requested_port = port
@@ -464,82 +569,151 @@ class StoreServer:
         self._connections: set[_Connection] = set()
         self._cap_warned = False
         self.port = port
+        self._metrics_address = _metrics_address(metrics)
+        self.metrics: ServerMetrics | None = None if self._metrics_address is None else ServerMetrics()
+        self._metrics_endpoint: MetricsEndpoint | None = None
 
     @property
     def connection_count(self) -> int:
+        """Store connections open now (admitted, not yet lost). Raises nothing."""
         return len(self._connections)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of every listening store socket; empty before ``start`` and after ``close``."""
         return [s.getsockname()[:2] for srv in self._servers for s in srv.sockets]
 
+    @property
+    def metrics_addresses(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of every listening metrics socket; empty when metrics are off or not started."""
+        return [] if self._metrics_endpoint is None else self._metrics_endpoint.addresses
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound metrics port once started (``None`` when metrics are off or not started)."""
+        addresses = self.metrics_addresses
+        return addresses[0][1] if addresses else None
+
     async def start(self) -> None:
+        """Bind and listen (the store, then the metrics endpoint if asked for); ``port`` becomes the bound port.
+
+        Must run in the event loop that will serve the connections. Raises
+        ``StoreConnectionError`` when ``host`` (or the metrics host) does not
+        resolve or an address cannot be bound (port in use, address not on this
+        machine, permission denied); nothing is left listening then.
+        """
         loop = asyncio.get_running_loop()
         socks = [self._sock] if self._sock is not None else self._bind()
         backlog = _listen_backlog()
-        for sock in socks:
-            sock.setblocking(False)
-            _enable_keepalive(sock)
-            server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=backlog)
-            self._servers.append(server)
-        self.port = socks[0].getsockname()[1]
+        try:
+            for sock in socks:
+                sock.setblocking(False)
+                _enable_keepalive(sock)
+                server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=backlog)
+                self._servers.append(server)
+            self.port = socks[0].getsockname()[1]
+            if self._metrics_address is not None:
+                await self._start_metrics(*self._metrics_address)
+        except BaseException:
+            await self.close()
+            if self._sock is None:
+                for sock in socks:
+                    sock.close()
+            raise
         log.info("store server listening on %s", ", ".join(f"{h}:{pt}" for h, pt in self.addresses))
+        if self._metrics_endpoint is not None:
+            log.info(
+                "metrics at %s", ", ".join(f"http://{_url_host(h)}:{pt}/metrics" for h, pt in self.metrics_addresses)
+            )
         if self.auth is not None:
             log.info(
                 "shared-secret check required%s",
                 "; torch clients (which skip it) are allowed" if self.auth.allow_torch_clients else "",
             )
 
-    def _bind(self) -> list[socket.socket]:
+    async def _start_metrics(self, host: str, port: int) -> None:
+        socks = _bind_sockets(
+            host,
+            port,
+            lambda reason: f"The metrics endpoint has failed to listen on {host}, port {port}: {reason}",
+        )
+        endpoint = MetricsEndpoint(lambda: (self.render_metrics(), CONTENT_TYPE))
         try:
-            infos = socket.getaddrinfo(
-                self.host or None, self._requested_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-        except socket.gaierror as exc:
-            raise StoreConnectionError(f"cannot resolve the server host {self.host!r}: {exc}") from None
-        socks: list[socket.socket] = []
-        port = self._requested_port
-        seen = set()
-        try:
-            for family, type_, proto, _, addr in infos:
-                if (family, addr[0]) in seen:
-                    continue
-                seen.add((family, addr[0]))
-                sock = socket.socket(family, type_, proto)
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                # With port 0, every address must share the port the first bind picked.
-                sock.bind((addr[0], port, *addr[2:]))
-                port = sock.getsockname()[1]
-        except OSError as exc:
+            await endpoint.start(socks)
+        except BaseException:
+            await endpoint.close()
             for sock in socks:
                 sock.close()
-            reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-            raise StoreConnectionError(
-                "The server socket has failed to listen on any local network address. "
-                f"host: {self.host}, port: {self._requested_port}: {reason}"
-            ) from exc
-        return socks
+            raise
+        self._metrics_endpoint = endpoint
+
+    def _bind(self) -> list[socket.socket]:
+        return _bind_sockets(
+            self.host,
+            self._requested_port,
+            lambda reason: "The server socket has failed to listen on any local network address. "
+            f"host: {self.host}, port: {self._requested_port}: {reason}",
+        )
 
     async def close(self) -> None:
-        """Stop listening and close every connection; blocked clients see EOF immediately."""
+        """Stop listening and close every connection; blocked clients see EOF immediately.
+
+        Also closes the metrics endpoint. Idempotent; raises nothing of its own.
+        """
         for server in self._servers:
             server.close()
         for conn in list(self._connections):
             conn.close()
+        if self._metrics_endpoint is not None:
+            await self._metrics_endpoint.close()
+            self._metrics_endpoint = None
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
 
     async def serve_forever(self) -> None:
+        """``start()`` if not started, then serve until cancelled (or ``close()`` from another task).
+
+        Raises what ``start()`` raises, and ``asyncio.CancelledError`` when cancelled.
+        """
         if not self._servers:
             await self.start()
         await asyncio.gather(*(s.serve_forever() for s in self._servers))
 
+    def render_metrics(self) -> str:
+        """The metrics in Prometheus's text format (0.0.4), as ``/metrics`` serves them.
+
+        Call it from the server's event loop. Raises ``RuntimeError`` when metrics are off.
+        """
+        if self.metrics is None:
+            raise RuntimeError("metrics are off: construct the StoreServer with metrics=PORT or (HOST, PORT)")
+        return self.metrics.render(self._sample())
+
+    def _sample(self) -> Sample:
+        engine = self.engine
+        queue_items = 0
+        queue_bytes = 0
+        for queue in engine.queues.values():
+            queue_items += len(queue)
+            queue_bytes += sum(map(len, queue))
+        return Sample(
+            connections_open=len(self._connections),
+            connections_max=self.max_connections,
+            received_open=sum(conn._rx for conn in self._connections),
+            waiters=engine.pending_waiters(),
+            keys=engine.num_keys(),
+            value_bytes=sum(map(len, engine.kv.values())),
+            queues=len(engine.queues),
+            queue_items=queue_items,
+            queue_bytes=queue_bytes,
+            incomplete_bytes=self.buffered,
+            incomplete_limit=self.max_buffered,
+        )
+
     def _admit(self, conn: _Connection) -> bool:
         if len(self._connections) >= self.max_connections:
+            if self.metrics is not None:
+                self.metrics.refused += 1
             if not self._cap_warned:
                 log.warning(
                     "connection limit reached (%d): refusing %s and further connections until some close",
@@ -550,14 +724,25 @@ class StoreServer:
             return False
         self._cap_warned = False
         self._connections.add(conn)
+        conn._admitted = True
+        if self.metrics is not None:
+            self.metrics.accepted += 1
         return True
 
     def _forget(self, conn: _Connection) -> None:
         self._connections.discard(conn)
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 class BackgroundServer:
-    """A ``StoreServer`` on its own event-loop thread, for ``TCPStore(is_master=True)``."""
+    """A ``StoreServer`` on its own event-loop thread, for ``TCPStore(is_master=True)``.
+
+    The constructor starts the thread and the server; it raises what
+    ``StoreServer.start`` raises (the thread is stopped first).
+    """
 
     def __init__(self, server: StoreServer) -> None:
         self.server = server
@@ -575,6 +760,8 @@ class BackgroundServer:
         return self.server.port
 
     def stop(self) -> None:
+        """Close the server and stop its thread. Idempotent; raises ``TimeoutError`` if closing
+        takes over 10 s."""
         if not self._thread.is_alive():
             return
         try:
