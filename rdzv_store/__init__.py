@@ -1,5 +1,6 @@
 """rdzv_store: torch-free, wire- and file-compatible c10d key-value stores."""
 
+from ._version import __version__
 from .async_client import AsyncTCPStore
 from .errors import QueueEmptyError, StoreAuthError, StoreConnectionError, StoreError, StoreTimeoutError
 from .filestore import FileStore
@@ -23,4 +24,5 @@ __all__ = [
     "StoreServer",
     "StoreTimeoutError",
     "TCPStore",
+    "__version__",
 ]
