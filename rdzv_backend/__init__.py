@@ -3,7 +3,9 @@
 * :mod:`rdzv_backend.api`: :class:`RendezvousParameters` and the rendezvous errors;
 * :mod:`rdzv_backend.utils`: endpoint and ``--rdzv-conf`` parsing, the ``is_host`` guess;
 * :mod:`rdzv_backend.c10d`: :class:`C10dRendezvousBackend`, which keeps rendezvous state
-  in a c10d store exactly as torch 2.13 does, and :func:`create_backend`.
+  in a c10d store exactly as torch 2.13 does, and :func:`create_backend`;
+* :mod:`rdzv_backend.dynamic`: :class:`DynamicRendezvousHandler` (torch's elastic handler:
+  rounds, ranks, heartbeats, wait/redundancy lists) and :func:`create_handler`.
 
 Everything is importable from this package too, private helpers included
 (``_parse_rendezvous_config``, ``_matches_machine_hostname``), as torch's tests import them.
@@ -19,6 +21,8 @@ from .api import (
     RendezvousTimeoutError,
 )
 from .c10d import DEFAULT_PORT, C10dRendezvousBackend, RendezvousBackend, Token, create_backend
+from .api import RendezvousHandler, RendezvousInfo, RendezvousStoreInfo
+from .dynamic import DynamicRendezvousHandler, RendezvousSettings, RendezvousTimeout, create_handler
 from .utils import (
     _matches_machine_hostname,
     _parse_rendezvous_config,
@@ -28,6 +32,13 @@ from .utils import (
 
 __all__ = [
     "DEFAULT_PORT",
+    "DynamicRendezvousHandler",
+    "RendezvousHandler",
+    "RendezvousInfo",
+    "RendezvousSettings",
+    "RendezvousStoreInfo",
+    "RendezvousTimeout",
+    "create_handler",
     "C10dRendezvousBackend",
     "RendezvousBackend",
     "RendezvousClosedError",
