@@ -3,6 +3,15 @@
 from ._version import __version__
 from .async_client import AsyncTCPStore
 from .errors import QueueEmptyError, StoreAuthError, StoreConnectionError, StoreError, StoreTimeoutError
+from .etcdstore import (
+    EtcdAuthError,
+    EtcdCompactedError,
+    EtcdError,
+    EtcdNoLeaderError,
+    EtcdRequestTooLargeError,
+    EtcdStore,
+    EtcdUnavailableError,
+)
 from .filestore import FileStore
 from .hashstore import HashStore
 from .prefixstore import PrefixStore
@@ -13,6 +22,13 @@ from .tcpstore import TCPStore
 __all__ = [
     "AsyncTCPStore",
     "DEFAULT_TIMEOUT",
+    "EtcdAuthError",
+    "EtcdCompactedError",
+    "EtcdError",
+    "EtcdNoLeaderError",
+    "EtcdRequestTooLargeError",
+    "EtcdStore",
+    "EtcdUnavailableError",
     "FileStore",
     "HashStore",
     "PrefixStore",
