@@ -241,7 +241,8 @@ class EtcdClient:
             return http.client.HTTPSConnection(ep.host, ep.port, timeout=timeout, context=self._ssl)
         return http.client.HTTPConnection(ep.host, ep.port, timeout=timeout)
 
-    def _take(self, index: int, timeout: float) -> http.client.HTTPConnection:
+    def _take(self, index: int, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        """A pooled connection, or a new one (then the flag is True)."""
         with self._lock:
             idle = self._idle.get(index)
             conn = idle.pop() if idle else None
@@ -249,9 +250,9 @@ class EtcdClient:
             conn = self._connect(index, timeout)
             conn.connect()
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        else:
-            conn.sock.settimeout(timeout)
-        return conn
+            return conn, True
+        conn.sock.settimeout(timeout)
+        return conn, False
 
     def _give_back(self, index: int, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -346,7 +347,7 @@ class EtcdClient:
     def _post(self, index: int, path: str, data: bytes, key: bytes | None, timeout: float) -> dict[str, Any]:
         ep = str(self.endpoints[index])
         try:
-            conn = self._take(index, timeout)
+            conn, fresh = self._take(index, timeout)
         except ssl.SSLError as exc:
             raise EtcdAuthError(f"TLS handshake failed: {exc}", ep, key) from None
         except _RETRY_OS_ERRORS as exc:
@@ -355,6 +356,13 @@ class EtcdClient:
             conn.request("POST", "/v3/" + path, data, self._headers())
             resp = conn.getresponse()
             raw = resp.read()
+        except ssl.SSLError as exc:
+            conn.close()
+            if fresh:  # TLS 1.3 reports a refused client certificate at the first read
+                raise EtcdAuthError(
+                    f"TLS refused by the server (client certificate missing or untrusted?): {exc}", ep, key
+                ) from None
+            raise _Retry(f"{type(exc).__name__}: {exc}") from None
         except _RETRY_OS_ERRORS as exc:
             conn.close()
             raise _Retry(f"{type(exc).__name__}: {exc or 'timed out'}") from None
