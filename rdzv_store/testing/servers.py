@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -61,6 +62,18 @@ class ServerThread:
         return self.call(
             lambda: {"connections": s.connection_count, "waiters": s.engine.pending_waiters(), "keys": len(s.engine.kv)}
         )
+
+    def wait_until(self, predicate: Callable[[dict[str, int]], bool], timeout: float = 10.0) -> dict[str, int]:
+        """Poll ``stats()`` (every 5 ms) until ``predicate(stats)`` holds; ``TimeoutError`` after
+        ``timeout`` seconds. E.g. ``wait_until(lambda s: s["waiters"] == 3)``: three clients blocked."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if predicate(stats):
+                return stats
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"server condition not met within {timeout} s; stats: {stats}")
+            time.sleep(0.005)
 
     def stop(self) -> None:
         if not self._thread.is_alive():

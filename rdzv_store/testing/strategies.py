@@ -82,7 +82,9 @@ def operation(
     unknown = set(names) - set(OPERATION_NAMES)
     if unknown:
         raise ValueError(f"unknown store operations: {sorted(unknown)}")
-    table = _op_strategies(key_strategy or keys(), value_strategy or values())
+    table = _op_strategies(
+        keys() if key_strategy is None else key_strategy, values() if value_strategy is None else value_strategy
+    )
     return st.one_of([table[name] for name in names])
 
 
