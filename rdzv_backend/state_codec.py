@@ -23,7 +23,6 @@ This module must never import ``pickle``, ``_pickle``, ``copyreg``, ``marshal`` 
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, Callable
@@ -199,6 +198,16 @@ ALLOWED_OPCODES: dict[int, str] = {
     _STOP: "STOP",
 }
 
+#: Names of the pickle opcodes we refuse, for error messages only (never interpreted).
+_REFUSED_OPCODE_NAMES: dict[int, str] = {
+    0x30: "POP", 0x31: "POP_MARK", 0x32: "DUP", 0x46: "FLOAT", 0x49: "INT", 0x4C: "LONG",
+    0x50: "PERSID", 0x51: "BINPERSID", 0x53: "STRING", 0x54: "BINSTRING", 0x55: "SHORT_BINSTRING",
+    0x56: "UNICODE", 0x64: "DICT", 0x67: "GET", 0x69: "INST", 0x6C: "LIST", 0x6F: "OBJ", 0x70: "PUT",
+    0x74: "TUPLE", 0x47: "BINFLOAT", 0x82: "EXT1", 0x83: "EXT2", 0x84: "EXT4", 0x8B: "LONG4",
+    0x42: "BINBYTES", 0x8D: "BINUNICODE8", 0x8E: "BINBYTES8", 0x91: "FROZENSET", 0x92: "NEWOBJ_EX",
+    0x96: "BYTEARRAY8", 0x97: "NEXT_BUFFER", 0x98: "READONLY_BUFFER",
+}
+
 _STATE_FIELDS = (
     "round",
     "complete",
@@ -260,10 +269,6 @@ class _Global:
 
     def __init__(self, token: str) -> None:
         self.token = token
-
-
-class _Mark:
-    """Not used on the stack (marks are kept as stack heights); defined for clarity in errors."""
 
 
 class _Obj:
@@ -636,7 +641,9 @@ class _Decoder:
                     raise StateDecodeError(f"{size - pos} bytes after STOP", at)
                 return stack.pop()
             else:
-                raise StateDecodeError(f"opcode 0x{op:02x} is not allowed", at)
+                refused_name = _REFUSED_OPCODE_NAMES.get(op)
+                shown = f"{refused_name} (0x{op:02x})" if refused_name else f"0x{op:02x}"
+                raise StateDecodeError(f"opcode {shown} is not allowed", at)
 
 
 def _names(state: Mapping[Any, Any]) -> str:
