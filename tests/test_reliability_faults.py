@@ -5,7 +5,6 @@ Figures are printed (run with ``-s``) and quoted in the README's Reliability sec
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import signal
@@ -22,6 +21,7 @@ from reliability_helpers import ServerProcess, background_server, on_loop, ping,
 
 from rdzv_store import StoreConnectionError, StoreTimeoutError, TCPStore
 from rdzv_store import protocol as p
+from rdzv_store.testing import FaultProxy
 
 Q = p.QueryType
 
@@ -271,14 +271,27 @@ def test_hung_server_fails_blocked_clients_within_their_bounds():
 
 def test_client_reads_are_bounded_when_a_server_accepts_and_never_answers():
     """torch's client blocks forever on the PING reply of such a server; ours gives up."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        port = listener.getsockname()[1]
+    with background_server() as bg, FaultProxy("127.0.0.1", bg.port) as proxy:
+        proxy.black_hole()  # accepts, reads, never answers
         started = time.monotonic()
         with pytest.raises(StoreConnectionError) as info:
-            TCPStore("127.0.0.1", port, timeout=timedelta(seconds=1))
+            TCPStore("127.0.0.1", proxy.port, timeout=timedelta(seconds=1))
         assert time.monotonic() - started < 3
-        assert f"({'127.0.0.1'}, {port})" in str(info.value) or str(port) in str(info.value)
-        with contextlib.suppress(OSError):
-            while True:
-                listener.settimeout(0)
-                listener.accept()[0].close()
+        assert f"(127.0.0.1, {proxy.port})" in str(info.value)
+        assert proxy.stats().dropped_to_server > 0  # the handshake went out, nothing came back
+
+
+@pytest.mark.parametrize("how", ["rst", "fin"])
+def test_connections_cut_under_blocked_clients_fail_them_at_once(how):
+    """A middlebox (or a dying peer's kernel) resets or closes the connections of clients blocked
+    in wait, get, barrier and queue_pop: each fails at once, naming the address it used."""
+    with background_server() as bg, FaultProxy("127.0.0.1", bg.port) as proxy:
+        blocked = Blocked(proxy.port, 30.0)
+        poll_until(lambda: on_loop(bg, lambda: bg.server.engine.pending_waiters()) == 4, 10)
+        since = time.monotonic()
+        assert proxy.cut(how) == 5  # the four blocked clients and the admin connection
+        blocked.join(10)
+        latencies = _report(blocked, since, proxy.address, f"proxy cut ({how})")
+        assert len(latencies) == 4 and max(latencies.values()) < 2.0
+        poll_until(lambda: on_loop(bg, lambda: bg.server.engine.pending_waiters()) == 0, 10)
+        blocked.close()
