@@ -54,16 +54,70 @@ class _LegacyServerDetected(Exception):
     (Deliberately not an OSError/StoreConnectionError: the connect loop must not retry it.)"""
 
 
+def _quiet(future: asyncio.Future[Any]) -> None:
+    """Mark a finished future's exception as retrieved: nobody may be left to await it."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _wait_for(future: asyncio.Future[Any], timeout: float) -> Any:
+    """``asyncio.wait_for`` that keeps cancellation a ``CancelledError`` on every Python.
+
+    On 3.10 and 3.11, ``wait_for`` returns the inner result (or raises its exception)
+    when the outer task is cancelled just as the inner future finishes, so a cancelled
+    call could end as ``StoreConnectionError``, or not end at all. Here cancellation
+    always wins. A plain future is left alone (as with ``shield``: it is one reply on a
+    connection the caller cleans up); a task is cancelled, on timeout and on
+    cancellation, and its outcome is then ignored quietly.
+
+    Raises:
+        asyncio.TimeoutError: ``future`` did not finish within ``timeout`` seconds.
+        asyncio.CancelledError: the calling task was cancelled.
+        Whatever ``future`` raises.
+    """
+    if not future.done():
+        if timeout > 0:
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+
+            def wake(_: object = None) -> None:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+            timer = loop.call_later(timeout, wake)
+            future.add_done_callback(wake)
+            try:
+                await waiter
+            except BaseException:
+                if isinstance(future, asyncio.Task):
+                    future.cancel()
+                    future.add_done_callback(_quiet)
+                raise
+            finally:
+                timer.cancel()
+                future.remove_done_callback(wake)
+        if not future.done():
+            if isinstance(future, asyncio.Task):
+                future.cancel()
+                future.add_done_callback(_quiet)
+            raise asyncio.TimeoutError()
+    return future.result()
+
+
 class _AsyncConnection(asyncio.Protocol):
     """A validated connection whose replies resolve futures in request order."""
 
     def __init__(self, address: str) -> None:
         self.address = address
         self._decoder = p.StreamDecoder()
-        self._pending: collections.deque[tuple[asyncio.Future[Any], p.ReplyParser]] = collections.deque()
+        # (future, parser, op, wire keys): op and keys name the request in error messages.
+        self._pending: collections.deque[tuple[asyncio.Future[Any], p.ReplyParser, str, Sequence[bytes]]] = (
+            collections.deque()
+        )
         self._transport: asyncio.Transport | None = None
         self._lost: Exception | None = None
         self.unacked_writes = False
+        self._unanswered: tuple[str, Sequence[bytes]] | None = None  # the last request without a reply
 
     @classmethod
     async def open(
@@ -73,45 +127,60 @@ class _AsyncConnection(asyncio.Protocol):
 
         ``probe``: also pipeline a GET of ``commands.PROBE_KEY`` (no extra round trip) and raise
         ``_LegacyServerDetected`` if the server drops the connection on it.
+
+        Raises:
+            StoreConnectionError: no connection and handshake within ``timeout``.
+            StoreAuthError: the secret check failed, or the server requires a secret we lack.
+            asyncio.CancelledError: the calling task was cancelled (the half-open connection is closed).
         """
         loop = asyncio.get_running_loop()
         retry = ConnectRetry(host, port, timeout)
         while True:
             conn = cls(f"{host}:{port}")
             try:
-                await asyncio.wait_for(loop.create_connection(lambda: conn, host, port), retry.attempt_timeout())
+                connecting = asyncio.ensure_future(loop.create_connection(lambda: conn, host, port))
+                await _wait_for(connecting, retry.attempt_timeout())
                 nonce = os.getpid() & 0xFFFFFFFF
                 conn.write(p.encode_validate())
                 ping = conn.request(*cmd.ping(nonce))
-                check = None
+                check = secret_probe = None
                 if secret is not None:  # the shared-secret check, pipelined behind the PING
                     key, proof = auth.client_request_key(secret)
                     check = conn.request(*cmd.get_raw(key))
+                else:  # does the server require a secret we lack? (commands.secret_probe)
+                    secret_probe = conn.request(*cmd.secret_probe())
                 probed = conn.request(*cmd.get_raw(cmd.PROBE_KEY)) if probe else None
-                echo = await asyncio.wait_for(ping, retry.attempt_timeout())
+                echo = await _wait_for(ping, retry.attempt_timeout())
                 if echo != nonce.to_bytes(4, "little"):
                     raise ConnectionError(f"PING failed: sent nonce {nonce}, got {echo.hex()}")
                 if check is not None:
                     await cls._check_secret(conn, check, proof, retry.attempt_timeout())
+                if secret_probe is not None:
+                    try:
+                        await _wait_for(secret_probe, retry.attempt_timeout())
+                    except StoreConnectionError:  # answered the PING, then refused a CHECK
+                        raise auth.StoreAuthError(auth.secret_required(conn.address)) from None
                 if probed is not None:
                     try:
-                        await asyncio.wait_for(probed, retry.attempt_timeout())
+                        await _wait_for(probed, retry.attempt_timeout())
                     except StoreConnectionError:
                         conn.close()  # the handshake was answered, then the GET dropped us
                         raise _LegacyServerDetected() from None
                 return conn
-            except auth.StoreAuthError:
-                conn.close()
-                raise
             except (OSError, asyncio.TimeoutError, StoreConnectionError) as exc:
                 conn.close()
+                if isinstance(exc, auth.StoreAuthError):
+                    raise
                 error: BaseException = exc
+            except BaseException:  # cancelled (or the legacy verdict): close quietly, propagate
+                conn.close()
+                raise
             await asyncio.sleep(retry.after_failure(error))
 
     @staticmethod
     async def _check_secret(conn: _AsyncConnection, reply: asyncio.Future[Any], proof: bytes, timeout: float) -> None:
         try:
-            value = await asyncio.wait_for(reply, timeout)
+            value = await _wait_for(reply, timeout)
         except StoreConnectionError:
             raise auth.StoreAuthError(
                 f"the store at {conn.address} closed the connection at the shared-secret check: wrong "
@@ -129,10 +198,24 @@ class _AsyncConnection(asyncio.Protocol):
         self._resolve()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost is not None:
+            return
+        if self._pending:
+            _, _, op, keys = self._pending[0]
+            first: Exception = StoreConnectionError(
+                f"the store at {self.address} " + cmd.refusal(op or "a request", keys, self._unanswered)
+            )
+        else:
+            first = StoreConnectionError(
+                f"the store at {self.address} closed the connection (server shut down or restarted, or it "
+                "refused a request without reply: see the server log); the next call reconnects"
+            )
         self._fail(
             StoreConnectionError(
-                f"the store at {self.address} closed the connection (server shut down, or it rejected a request)"
-            )
+                f"the store at {self.address} closed the connection before answering (it refused an earlier "
+                "request, or shut down); the next call reconnects"
+            ),
+            first,
         )
 
     # -- requests ----------------------------------------------------------------------------
@@ -146,21 +229,31 @@ class _AsyncConnection(asyncio.Protocol):
         assert self._transport is not None
         self._transport.write(data)
 
-    def request(self, data: bytes, parser: p.ReplyParser | None) -> asyncio.Future[Any]:
-        """Send; the returned future resolves with the parsed reply (``None`` if there is none)."""
+    def request(
+        self, data: bytes, parser: p.ReplyParser | None, op: str = "", keys: Sequence[bytes] = ()
+    ) -> asyncio.Future[Any]:
+        """Send; the returned future resolves with the parsed reply (``None`` if there is none).
+        ``op`` and ``keys`` (wire keys) name the request in error messages."""
         self.write(data)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if parser is None:
             self.unacked_writes = True
+            self._unanswered = (op, keys)
             future.set_result(None)
         else:
-            self.expect(parser, future)
+            self.expect(parser, future, op, keys)
         return future
 
-    def expect(self, parser: p.ReplyParser, future: asyncio.Future[Any] | None = None) -> asyncio.Future[Any]:
+    def expect(
+        self,
+        parser: p.ReplyParser,
+        future: asyncio.Future[Any] | None = None,
+        op: str = "",
+        keys: Sequence[bytes] = (),
+    ) -> asyncio.Future[Any]:
         """Queue a reply to read without sending anything (the second byte of a cancel race)."""
         future = future or asyncio.get_running_loop().create_future()
-        self._pending.append((future, parser))
+        self._pending.append((future, parser, op, keys))
         self._resolve()
         return future
 
@@ -170,21 +263,26 @@ class _AsyncConnection(asyncio.Protocol):
                 reply = self._decoder.decode(self._pending[0][1])
                 if reply is p.NEED_DATA:
                     return
-                future, _ = self._pending.popleft()
+                future = self._pending.popleft()[0]
                 self.unacked_writes = False  # a reply means every earlier request was processed
+                self._unanswered = None
                 if not future.done():
                     future.set_result(reply)
         except p.ProtocolError as exc:
             self._fail(StoreConnectionError(f"malformed reply from the store at {self.address}: {exc}"))
             self.close()
 
-    def _fail(self, exc: Exception) -> None:
+    def _fail(self, exc: Exception, first: Exception | None = None) -> None:
+        """Fail every pending reply (the first with ``first``, if given). Quietly: a caller that
+        was cancelled meanwhile never awaits its future, and that is no error to report."""
         if self._lost is None:
             self._lost = exc
         while self._pending:
-            future, _ = self._pending.popleft()
+            future = self._pending.popleft()[0]
             if not future.done():
-                future.set_exception(exc)
+                future.set_exception(first or exc)
+                future.exception()  # retrieved: no "exception was never retrieved" at exit
+            first = None
 
     def close(self) -> None:
         self._fail(StoreConnectionError(f"the connection to the store at {self.address} is closed"))
@@ -201,7 +299,18 @@ class AsyncTCPStore:
 
     Keys are shared with ``TCPStore`` and torch clients ("/"-prefixed on the
     wire). Every reply is awaited with the store timeout at most; timeouts
-    raise ``StoreTimeoutError`` naming the keys and address.
+    raise ``StoreTimeoutError`` naming the keys and address. The constructor
+    does not connect: ``connect()`` (or ``async with``, or the first call) does.
+
+    When the server closes the primary connection (it refused a request, or it
+    restarted) the call in flight fails with a ``StoreConnectionError`` naming
+    the operation, and the next call reconnects with the full handshake. A
+    cancelled call raises ``CancelledError`` and closes the pooled connection
+    it borrowed, quietly.
+
+    Raises:
+        TypeError: ``timeout`` is not a ``timedelta`` or seconds.
+        ValueError: ``secret`` is shorter than 16 bytes.
     """
 
     def __init__(
@@ -228,23 +337,50 @@ class AsyncTCPStore:
 
     @property
     def address(self) -> str:
+        """``host:port`` of the server.
+
+        Raises:
+            Nothing.
+        """
         return f"{self.host}:{self.port}"
 
     @property
     def timeout(self) -> timedelta:
+        """The store timeout (connect, every reply, and waits without their own timeout).
+
+        Raises:
+            Nothing.
+        """
         return timedelta(seconds=self._timeout_s)
 
     def set_timeout(self, timeout: Timeout) -> None:
+        """Set the store timeout (``timedelta`` or seconds).
+
+        Raises:
+            TypeError: ``timeout`` is neither a ``timedelta`` nor a number.
+        """
         self._timeout_s = timeout_seconds(timeout)
 
     async def connect(self) -> AsyncTCPStore:
+        """Open the primary connection unless it is open and usable (also reconnects); return self.
+
+        Raises:
+            StoreConnectionError: the server could not be reached within the store timeout
+                (the message names the address and the timeout).
+            StoreAuthError: the shared-secret check failed, or the server requires a
+                secret and this client has none.
+            asyncio.CancelledError: the calling task was cancelled.
+        """
         if self._primary is not None and self._primary.usable:
             return self
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:  # many first calls at once open one connection, not many
             if self._primary is None or not self._primary.usable:
+                again = self._primary is not None
                 self._primary = await self._open_primary()
+                if again:
+                    log.info("reconnected to the store at %s", self.address)
         return self
 
     async def _open(self) -> _AsyncConnection:
@@ -266,6 +402,12 @@ class AsyncTCPStore:
             return await self._open()
 
     async def close(self) -> None:
+        """Close every connection; calls still in flight fail with ``StoreConnectionError``.
+        Safe to call twice; a later call reconnects.
+
+        Raises:
+            Nothing.
+        """
         for conn in [self._primary, *self._idle, *self._busy]:
             if conn is not None:
                 conn.close()
@@ -287,34 +429,42 @@ class AsyncTCPStore:
 
     async def _await_reply(self, conn: _AsyncConnection, future: asyncio.Future[Any]) -> Any:
         try:
-            return await asyncio.wait_for(future, self._reply_timeout())
+            return await _wait_for(future, self._reply_timeout())
         except asyncio.TimeoutError:
             conn.close()  # the byte stream is out of step now: nothing on it can be trusted
             raise StoreTimeoutError(
                 f"no reply from the store at {conn.address} within {format_ms(self._reply_timeout())}"
             ) from None
 
-    async def _call(self, command: cmd.Command) -> Any:
+    async def _call(self, command: cmd.Command, op: str, keys: Sequence[bytes] = ()) -> Any:
         conn = await self._connected()
-        return await self._await_reply(conn, conn.request(*command))
+        return await self._await_reply(conn, conn.request(*command, op, keys))
 
     async def _connected(self) -> _AsyncConnection:
         await self.connect()
         assert self._primary is not None
         return self._primary
 
+    async def _borrow(self) -> _AsyncConnection:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.usable:  # the server may have closed it while idle (restart)
+                return conn
+            conn.close()
+        return await self._open()
+
     async def _blocking(self, command: cmd.Command, timeout: float, keys: Sequence[bytes], what: str) -> None:
         """Run WAIT or BARRIER on a pooled connection; on timeout, cancel as torch does."""
         primary = await self._connected()
         if primary.unacked_writes:  # make our own earlier writes visible first (see module doc)
-            await self._await_reply(primary, primary.request(*cmd.ping(0)))
-        conn = self._idle.pop() if self._idle else await self._open()
+            await self._await_reply(primary, primary.request(*cmd.ping(0), "ping"))
+        conn = await self._borrow()
         self._busy.add(conn)
         reusable = False
         try:
-            future = conn.request(*command)
+            future = conn.request(*command, what, keys)
             try:
-                await asyncio.wait_for(asyncio.shield(future), max(timeout, 0.0))
+                await _wait_for(future, max(timeout, 0.0))  # the future is left alone on timeout
                 reusable = True
                 return
             except asyncio.TimeoutError:
@@ -328,7 +478,7 @@ class AsyncTCPStore:
             raise wait_timeout(keys, timeout, f"TCPStore at {self.address}")
         finally:
             # A connection with a wait still pending (task cancelled, error) is closed, which
-            # also drops its registration on the server.
+            # also drops its registration on the server; its futures fail quietly.
             self._busy.discard(conn)
             if reusable and conn.usable and len(self._idle) < _IDLE_POOL:
                 self._idle.append(conn)
@@ -345,77 +495,203 @@ class AsyncTCPStore:
         return False  # the one byte was WAIT_CANCELED itself
 
     # -- operations --------------------------------------------------------------------------
+    # Every operation may also raise: StoreConnectionError (server unreachable within the
+    # store timeout, or it closed the connection: the message names the operation),
+    # StoreAuthError (secret check), StoreTimeoutError (no reply within the store timeout),
+    # asyncio.CancelledError (the task was cancelled).
     async def set(self, key: Key, value: Value) -> None:
-        await self._call(cmd.set_(key_bytes(key), value_bytes(value)))
+        """Store ``value`` at ``key`` (no reply, as in torch).
+
+        Raises:
+            TypeError: ``key`` or ``value`` has the wrong type.
+            StoreConnectionError: the server cannot be reached or closed the connection.
+        """
+        raw = key_bytes(key)
+        await self._call(cmd.set_(raw, value_bytes(value)), "set", (cmd.PREFIX + raw,))
 
     async def get(self, key: Key) -> bytes:
+        """Wait up to the store timeout for ``key``, then return its value.
+
+        Raises:
+            StoreTimeoutError: the key did not appear within the store timeout.
+            TypeError: ``key`` has the wrong type.
+            StoreConnectionError: the server cannot be reached or closed the connection.
+        """
         return (await self.multi_get([key]))[0]
 
     async def multi_get(self, keys: Iterable[Key]) -> list[bytes]:
+        """Wait up to the store timeout for every key, then return their values in order.
+
+        Raises:
+            StoreTimeoutError: some key did not appear within the store timeout.
+            TypeError: ``keys`` is a single key or holds a key of the wrong type.
+            StoreConnectionError: the server cannot be reached or closed the connection.
+        """
         raw = key_list(keys)
         conn = await self._connected()  # settles _pipelined_get (the primary's probe)
         if self._pipelined_get:
+            wire = [cmd.PREFIX + k for k in raw]
             data, (check_parser, get_parser) = cmd.check_then_multi_get(raw)
             conn.write(data)
             ready, values = await asyncio.gather(
-                self._await_reply(conn, conn.expect(check_parser)), self._await_reply(conn, conn.expect(get_parser))
+                self._await_reply(conn, conn.expect(check_parser, None, "get", wire)),
+                self._await_reply(conn, conn.expect(get_parser, None, "get", wire)),
             )
             if ready:
                 return values  # type: ignore[no-any-return]
         await self.wait(raw)
-        return await self._call(cmd.multi_get(raw))  # type: ignore[no-any-return]
+        return await self._call(cmd.multi_get(raw), "get", [cmd.PREFIX + k for k in raw])  # type: ignore[no-any-return]
 
     async def add(self, key: Key, amount: int) -> int:
-        return await self._call(cmd.add(key_bytes(key), check_int64(amount)))  # type: ignore[no-any-return]
+        """Add ``amount`` to the integer at ``key`` (missing counts as 0); return the sum.
+
+        Raises:
+            StoreConnectionError: the server refused it (the stored value is not an
+                integer: the server closes the connection, and the message says so),
+                or cannot be reached.
+            TypeError: ``amount`` is not an int or does not fit in 64 bits.
+        """
+        raw = key_bytes(key)
+        return await self._call(cmd.add(raw, check_int64(amount)), "add", (cmd.PREFIX + raw,))  # type: ignore[no-any-return]
 
     async def compare_set(self, key: Key, expected: Value, desired: Value) -> bytes:
-        return await self._call(cmd.compare_set(key_bytes(key), value_bytes(expected), value_bytes(desired)))  # type: ignore[no-any-return]
+        """Store ``desired`` if the value equals ``expected``; return the value now stored
+        (torch's rules for a missing key, see ``Store.compare_set``).
+
+        Raises:
+            TypeError: an argument has the wrong type.
+            StoreConnectionError: the server cannot be reached or closed the connection.
+        """
+        raw = key_bytes(key)
+        command = cmd.compare_set(raw, value_bytes(expected), value_bytes(desired))
+        return await self._call(command, "compare_set", (cmd.PREFIX + raw,))  # type: ignore[no-any-return]
 
     async def delete_key(self, key: Key) -> bool:
-        return await self._call(cmd.delete_key(key_bytes(key)))  # type: ignore[no-any-return]
+        """Delete ``key``; return whether it existed.
+
+        Raises:
+            TypeError: ``key`` has the wrong type.
+            StoreConnectionError: the server cannot be reached or closed the connection.
+        """
+        raw = key_bytes(key)
+        return await self._call(cmd.delete_key(raw), "delete_key", (cmd.PREFIX + raw,))  # type: ignore[no-any-return]
 
     async def check(self, keys: Iterable[Key]) -> bool:
-        return await self._call(cmd.check(key_list(keys)))  # type: ignore[no-any-return]
+        """Return whether every key exists, without waiting.
+
+        Raises:
+            TypeError: ``keys`` is a single key or holds a key of the wrong type.
+            StoreConnectionError: the server cannot be reached or closed the connection.
+        """
+        raw = key_list(keys)
+        return await self._call(cmd.check(raw), "check", [cmd.PREFIX + k for k in raw])  # type: ignore[no-any-return]
 
     async def wait(self, keys: Iterable[Key], timeout: Timeout | None = None) -> None:
+        """Block until every key exists (up to ``timeout``, default the store timeout), on a
+        pooled connection: many waits can be in flight at once.
+
+        Raises:
+            StoreTimeoutError: some key was still missing at the deadline (names keys and address).
+            TypeError: ``keys`` is a single key, or an argument has the wrong type.
+            StoreConnectionError: the server cannot be reached or closed the connection.
+            asyncio.CancelledError: the task was cancelled (the borrowed connection is closed).
+        """
         raw = key_list(keys)
         seconds = self._timeout_s if timeout is None else timeout_seconds(timeout)
         await self._blocking(cmd.wait(raw), seconds, [cmd.PREFIX + k for k in raw], "wait")
 
     async def num_keys(self) -> int:
-        return await self._call(cmd.num_keys())  # type: ignore[no-any-return]
+        """Return the number of keys on the server, ``init/`` included (torch's count).
+
+        Raises:
+            StoreConnectionError: the server cannot be reached or closed the connection.
+        """
+        return await self._call(cmd.num_keys(), "num_keys")  # type: ignore[no-any-return]
 
     async def multi_set(self, keys: Sequence[Key], values: Sequence[Value]) -> None:
+        """Store ``values[i]`` at ``keys[i]`` for every ``i`` (one request, no reply).
+
+        Raises:
+            ValueError: ``keys`` and ``values`` differ in length.
+            TypeError: a key or value has the wrong type.
+            StoreConnectionError: the server cannot be reached or closed the connection.
+        """
         raw_keys = key_list(keys)
         raw_values = [value_bytes(v) for v in values]
         same_length(raw_keys, raw_values)
-        await self._call(cmd.multi_set(raw_keys, raw_values))
+        await self._call(cmd.multi_set(raw_keys, raw_values), "multi_set", [cmd.PREFIX + k for k in raw_keys])
 
     async def append(self, key: Key, value: Value) -> None:
-        await self._call(cmd.append(key_bytes(key), value_bytes(value)))
+        """Append ``value`` to the value at ``key`` (no reply, as in torch).
+
+        Raises:
+            TypeError: ``key`` or ``value`` has the wrong type.
+            StoreConnectionError: the server cannot be reached or closed the connection.
+        """
+        raw = key_bytes(key)
+        await self._call(cmd.append(raw, value_bytes(value)), "append", (cmd.PREFIX + raw,))
 
     async def list_keys(self) -> list[str]:
-        return [k.decode("utf-8") for k in await self._call(cmd.list_keys())]
+        """Return the keys written through the TCPStore API (``init/`` is hidden, as in torch).
+
+        Raises:
+            StoreConnectionError: the server cannot be reached or closed the connection.
+            UnicodeDecodeError: a key is not valid UTF-8.
+        """
+        return [k.decode("utf-8") for k in await self._call(cmd.list_keys(), "list_keys")]
 
     async def barrier(self, key: Key, world_size: int, timeout: Timeout | None = None) -> None:
+        """Block until ``world_size`` callers reached the barrier ``key`` (the server's native one).
+
+        Raises:
+            StoreTimeoutError: fewer than ``world_size`` arrived within ``timeout``
+                (default: the store timeout).
+            TypeError: an argument has the wrong type.
+            StoreConnectionError: the server cannot be reached or closed the connection.
+            asyncio.CancelledError: the task was cancelled (the borrowed connection is closed).
+        """
         raw = key_bytes(key)
         seconds = self._timeout_s if timeout is None else timeout_seconds(timeout)
         await self._blocking(cmd.barrier(raw, int(world_size)), seconds, [raw], "barrier")
 
     async def queue_push(self, key: Key, value: Value) -> None:
+        """Push ``value`` onto the queue at ``key`` (no reply).
+
+        Raises:
+            NotImplementedError: ``use_libuv=False`` (torch's legacy server has no queues).
+            TypeError: ``key`` or ``value`` has the wrong type.
+            StoreConnectionError: the server cannot be reached or closed the connection.
+        """
         cmd.require_queues(self._use_libuv)
-        await self._call(cmd.queue_push(key_bytes(key), value_bytes(value)))
+        raw = key_bytes(key)
+        await self._call(cmd.queue_push(raw, value_bytes(value)), "queue_push", (cmd.PREFIX + raw,))
 
     async def queue_pop(self, key: Key, block: bool = True) -> bytes:
+        """Pop the head of the queue at ``key``; with ``block``, wait up to the store timeout.
+
+        Raises:
+            StoreTimeoutError: ``block`` and the queue stayed empty for the store timeout.
+            QueueEmptyError: not ``block`` and the queue is empty.
+            NotImplementedError: ``use_libuv=False``.
+            StoreConnectionError: the server cannot be reached or closed the connection.
+        """
         cmd.require_queues(self._use_libuv)
         raw = key_bytes(key)
         if block:
             await self.wait([raw])
-        value = await self._call(cmd.queue_pop(raw))
+        value = await self._call(cmd.queue_pop(raw), "queue_pop", (cmd.PREFIX + raw,))
         if value is None:
             raise queue_empty(cmd.PREFIX + raw, f"TCPStore at {self.address}")
         return value  # type: ignore[no-any-return]
 
     async def queue_len(self, key: Key) -> int:
+        """Return the length of the queue at ``key`` (0 if there is none).
+
+        Raises:
+            NotImplementedError: ``use_libuv=False``.
+            TypeError: ``key`` has the wrong type.
+            StoreConnectionError: the server cannot be reached or closed the connection.
+        """
         cmd.require_queues(self._use_libuv)
-        return await self._call(cmd.queue_len(key_bytes(key)))  # type: ignore[no-any-return]
+        raw = key_bytes(key)
+        return await self._call(cmd.queue_len(raw), "queue_len", (cmd.PREFIX + raw,))  # type: ignore[no-any-return]

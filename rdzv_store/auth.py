@@ -58,6 +58,7 @@ __all__ = [
     "AuthVerifier",
     "client_request_key",
     "check_server_reply",
+    "secret_required",
     "load_secret",
     "coerce_secret",
 ]
@@ -106,7 +107,22 @@ def client_request_key(secret: bytes, now: float | None = None) -> tuple[bytes, 
     return key, _OK + _mac(secret, _SERVER, nonce, stamp)
 
 
+def secret_required(address: str) -> str:
+    """The message for a client without a secret whose server requires one."""
+    return (
+        f"the store at {address} requires a shared secret: it answered the handshake, then closed the "
+        "connection at the first request, as a server started with a secret (--secret-file) does for "
+        "clients without one. Pass the same secret (TCPStore(..., secret=...), "
+        "AsyncTCPStore(..., secret=...)), or ask the operator to allow clients without it"
+    )
+
+
 def check_server_reply(reply: bytes, expected: bytes, address: str) -> None:
+    """Check the server's answer to our secret check.
+
+    Raises:
+        StoreAuthError: the server does not check secrets (empty reply) or its proof is wrong.
+    """
     if reply == b"":
         raise StoreAuthError(
             f"the store at {address} does not check shared secrets (a server started without one, "

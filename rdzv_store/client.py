@@ -9,7 +9,9 @@ closed, because its byte stream can no longer be trusted.
 
 from __future__ import annotations
 
+import logging
 import os
+import select
 import socket
 import struct
 import sys
@@ -22,10 +24,12 @@ from . import commands
 from . import auth
 from . import protocol as p
 from .args import reply_bound
-from .errors import StoreConnectionError, StoreTimeoutError, barrier_timeout, format_ms, wait_timeout
+from .errors import StoreConnectionError, StoreTimeoutError, barrier_timeout, format_keys, format_ms, wait_timeout
 from .retry import ConnectRetry
 
 __all__ = ["Connection", "connect_with_retry"]
+
+log = logging.getLogger("rdzv_store.client")
 
 # Replies are read with recv_into a per-connection buffer of this size. A plain
 # ``recv(256 KiB)`` makes CPython allocate (glibc: mmap), shrink (mremap) and free
@@ -107,13 +111,20 @@ def _handshake(
     if secret is not None:  # the shared-secret check, pipelined: no extra round trip
         key, proof = auth.client_request_key(secret)
         request += p.encode_key(p.QueryType.GET, key)
+    else:  # does the server require a secret we do not have? (see commands.secret_probe)
+        request += commands.secret_probe()[0]
     if probe:
         request += commands.get_raw(commands.PROBE_KEY)[0]
     sock.sendall(request)
     echo = _recv_exactly(sock, 4)
     if echo != nonce.to_bytes(4, "little"):
         raise ConnectionError(f"PING failed: sent nonce {nonce}, got {echo.hex()}")
-    if secret is not None:
+    if secret is None:
+        try:
+            _recv_exactly(sock, 1)  # CHECK's reply: any server that does not require a secret answers it
+        except ConnectionError:
+            raise auth.StoreAuthError(auth.secret_required(address)) from None
+    else:
         try:
             (length,) = struct.unpack("<Q", _recv_exactly(sock, 8))
             reply = _recv_exactly(sock, length) if length <= 1024 else b"?"
@@ -136,7 +147,21 @@ def _handshake(
 
 
 class Connection:
-    """A validated connection with request/reply helpers. Thread-safe."""
+    """A validated connection with request/reply helpers. Thread-safe.
+
+    A connection that the server closed (it refused a request, or it shut down
+    or restarted) is reopened by the next request, with the full handshake
+    (including the shared-secret check), within the store timeout; the request
+    that met the closed connection fails and says which operation the server
+    refused. Nothing is sent twice: a failed request is never retried. Before a
+    request goes out on a connection idle for more than ``_IDLE_CHECK`` seconds
+    it is checked for an end-of-stream already received, so a write (which has
+    no reply) after a server restart goes to the new server instead of being
+    lost. Only ``close()`` ends the connection for good.
+    """
+
+    #: Idle time after which a send first checks (one ``poll``) that the server has not closed.
+    _IDLE_CHECK = 0.002
 
     def __init__(
         self,
@@ -152,36 +177,95 @@ class Connection:
         self.address = f"{host}:{port}"
         self.limits = limits
         self.reply_timeout = 0.0
+        self.connect_timeout = timeout
         self.set_reply_timeout(timeout)
         self.lock = threading.RLock()
-        self._decoder = p.StreamDecoder(limits.max_request)
-        self._rbuf = memoryview(bytearray(_RECV))
+        self._secret = secret
+        self._closed = False  # close() was called: no reconnecting
+        self.reconnects = 0
+        self._sock: socket.socket | None = None
+        self._poll: Any = None
+        self._last_send = 0.0
+        # The request in progress (for error messages) and the last one without a reply since
+        # the last reply read: op name and wire keys.
+        self._op = ""
+        self._keys: Sequence[bytes] = ()
+        self._unanswered: tuple[str, Sequence[bytes]] | None = None
         sock, self.libuv_rules = _connect(host, port, timeout, secret, probe)
-        self._sock: socket.socket | None = sock
+        self._adopt(sock)
+
+    def _adopt(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._decoder = p.StreamDecoder(self.limits.max_request)
+        self._rbuf = memoryview(bytearray(_RECV))
         self._io_timeout: float | None = None  # the kernel timeout set on the socket, if any
+        self._unanswered = None
+        self._last_send = time.monotonic()
         if _KERNEL_TIMEOUTS:
-            self._sock.settimeout(None)  # blocking; the kernel times out each send/recv
+            sock.settimeout(None)  # blocking; the kernel times out each send/recv
+        if hasattr(select, "poll"):
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
 
     def set_reply_timeout(self, timeout: float) -> None:
         """Bound for every reply read. A store timeout <= 0 means "do not wait" for waits,
-        not "fail every reply", so it falls back to torch's default of 300 s here."""
+        not "fail every reply", so it falls back to torch's default of 300 s here.
+        Reconnecting is bounded by ``timeout`` itself (<= 0: one attempt)."""
         self.reply_timeout = reply_bound(timeout)
+        self.connect_timeout = timeout
 
     def close(self) -> None:
+        """Close for good: later requests raise ``StoreConnectionError`` instead of reconnecting."""
         with self.lock:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
+            self._closed = True
+            self._drop()
+
+    def _drop(self) -> None:
+        """Forget the socket (lost or out of step); the next request reconnects."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     @property
     def closed(self) -> bool:
-        return self._sock is None
+        return self._closed
 
     # -- primitives (caller holds self.lock) -------------------------------------------------
     def _socket(self) -> socket.socket:
         if self._sock is None:
             raise StoreConnectionError(f"the connection to the store at {self.address} is closed")
         return self._sock
+
+    def _socket_for_send(self) -> socket.socket:
+        sock = self._sock
+        if sock is not None:
+            now = time.monotonic()
+            if now - self._last_send > self._IDLE_CHECK and self._poll is not None and self._poll.poll(0):
+                # Readable while no reply is due: the server closed (or reset) the connection
+                # while it was idle, e.g. it restarted. Reconnect before sending anything.
+                log.info("the store at %s had closed the idle connection", self.address)
+                self._drop()
+                sock = None
+            self._last_send = now
+        if sock is None:
+            if self._closed:
+                raise StoreConnectionError(f"the connection to the store at {self.address} is closed")
+            sock = self._reconnect()
+        return sock
+
+    def _reconnect(self) -> socket.socket:
+        """Open a new connection with the full handshake (no probe: we know the server's rules).
+        Raises ``StoreConnectionError`` (or ``StoreAuthError``) once the store timeout is spent."""
+        sock, _ = _connect(self.host, self.port, self.connect_timeout, self._secret)
+        self._adopt(sock)
+        self.reconnects += 1
+        log.info("reconnected to the store at %s", self.address)
+        return sock
+
+    def _what(self) -> str:
+        return f" ({self._op} on key {format_keys(list(self._keys)[:3])})" if self._keys else (
+            f" ({self._op})" if self._op else ""
+        )
 
     def _set_timeout(self, sock: socket.socket, seconds: float) -> None:
         """Bound the next send/recv by ``seconds`` (never 0: that means "no timeout" to the kernel)."""
@@ -200,14 +284,18 @@ class Connection:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._io_timeout = seconds
 
-    def send(self, data: bytes) -> None:
-        sock = self._socket()
+    def send(self, data: bytes, fresh: bool = True) -> None:
+        """Send ``data``. ``fresh``: a new request (may reconnect first); otherwise part of an
+        exchange in progress (CANCEL_WAIT), which must go on the same connection."""
+        sock = self._socket_for_send() if fresh else self._socket()
         try:
             self._set_timeout(sock, self.reply_timeout)
             sock.sendall(data)
         except OSError as exc:
-            self.close()
-            raise StoreConnectionError(f"lost the connection to the store at {self.address}: {exc}") from None
+            self._drop()
+            raise StoreConnectionError(
+                f"lost the connection to the store at {self.address}{self._what()}: {exc}. The next call reconnects"
+            ) from None
 
     def read(self, parser: p.ReplyParser, timeout: float | None = None) -> Any:
         """Read one reply. On timeout raise ``socket.timeout`` (the caller decides what it means)."""
@@ -217,9 +305,10 @@ class Connection:
             try:
                 reply = self._decoder.decode(parser)
             except p.ProtocolError as exc:
-                self.close()
+                self._drop()
                 raise StoreConnectionError(f"malformed reply from the store at {self.address}: {exc}") from None
             if reply is not p.NEED_DATA:
+                self._unanswered = None  # a reply means every earlier request was processed
                 return reply
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -230,13 +319,18 @@ class Connection:
             except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
                 raise socket.timeout() from None
             except OSError as exc:
-                self.close()
-                raise StoreConnectionError(f"lost the connection to the store at {self.address}: {exc}") from None
+                if not isinstance(exc, ConnectionResetError):
+                    self._drop()
+                    raise StoreConnectionError(
+                        f"lost the connection to the store at {self.address}{self._what()}: {exc}. "
+                        "The next call reconnects"
+                    ) from None
+                nbytes = 0  # reset: the server closed with our request unread, as on a refusal
             if not nbytes:
-                self.close()
+                self._drop()
                 raise StoreConnectionError(
-                    f"the store at {self.address} closed the connection (server shut down, or it "
-                    "rejected a request: see the server log)"
+                    f"the store at {self.address} "
+                    + commands.refusal(self._op or "a request", self._keys, self._unanswered)
                 )
             self._decoder.feed(self._rbuf[:nbytes])
 
@@ -245,22 +339,35 @@ class Connection:
         try:
             return self.read(parser)
         except socket.timeout:
-            self.close()
+            self._drop()
             raise StoreTimeoutError(
                 f"no reply from the store at {self.address} within {format_ms(self.reply_timeout)}"
+                f"{self._what()}"
             ) from None
 
     # -- request helpers ---------------------------------------------------------------------
-    def call(self, command: tuple[bytes, p.ReplyParser | None]) -> Any:
-        """Send one command; read its reply unless it is fire-and-forget."""
+    def call(self, command: tuple[bytes, p.ReplyParser | None], op: str = "", keys: Sequence[bytes] = ()) -> Any:
+        """Send one command; read its reply unless it is fire-and-forget.
+
+        ``op`` and ``keys`` (wire keys) name the request in error messages.
+        """
         data, parser = command
         with self.lock:
+            self._op = op
+            self._keys = keys
             self.send(data)
-            return None if parser is None else self.read_reply(parser)
+            if parser is None:
+                self._unanswered = (op, keys)
+                return None
+            return self.read_reply(parser)
 
-    def call_many(self, data: bytes, parsers: Sequence[p.ReplyParser]) -> list[Any]:
+    def call_many(
+        self, data: bytes, parsers: Sequence[p.ReplyParser], op: str = "", keys: Sequence[bytes] = ()
+    ) -> list[Any]:
         """Send pipelined requests in one write and read their replies in order."""
         with self.lock:
+            self._op = op
+            self._keys = keys
             self.send(data)
             return [self.read_reply(parser) for parser in parsers]
 
@@ -274,13 +381,15 @@ class Connection:
         ``01`` follows. Either way the connection stays usable.
         """
         with self.lock:
+            self._op = what
+            self._keys = message_keys
             self.send(command[0])
             try:
                 self.read(p.parse_u8, timeout=max(timeout, 0.0))
                 return
             except socket.timeout:
                 pass
-            self.send(commands.cancel_wait()[0])
+            self.send(commands.cancel_wait()[0], fresh=False)
             released = self.read_reply(p.parse_u8) == p.STOP_WAITING
             if released:
                 self.read_reply(p.parse_u8)  # the WAIT_CANCELED that follows

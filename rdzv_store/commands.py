@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import protocol as p
+from .errors import format_keys
 
 __all__ = ["PREFIX", "INIT_KEY", "Command"]
 
@@ -26,6 +27,40 @@ PROBE_KEY = b"\x00rdzv-store/libuv-probe"
 
 _Q = p.QueryType
 Command = tuple[bytes, "p.ReplyParser | None"]
+
+
+# Why a server closes the connection instead of answering an operation (the protocol has no
+# error reply): the usual cause for each operation, for the client's error message.
+_REFUSALS = {
+    "add": "the stored value is not an integer (written by set or append?)",
+    "barrier": "the barrier's counter holds a value that is not an integer",
+    "get": "the reply would exceed its size limit",
+    "multi_get": "the reply would exceed its size limit",
+}
+
+
+def refusal(what: str, keys: Sequence[bytes], earlier: tuple[str, Sequence[bytes]] | None = None) -> str:
+    """Say which request the server refused by closing the connection, and why that usually happens.
+
+    ``keys`` are wire keys; ``earlier`` is a request sent since the last reply that has no reply
+    of its own (SET, APPEND ...): the server may have refused that one instead.
+    """
+
+    def name(op: str, ks: Sequence[bytes]) -> str:
+        shown = format_keys(list(ks)[:3]) + (", ..." if len(ks) > 3 else "")
+        return f"{op} on key {shown}" if ks else op
+
+    text = f"closed the connection instead of answering {name(what, keys)}"
+    if earlier is not None:
+        text += f" (or the earlier {name(*earlier)}, which has no reply of its own)"
+    reason = _REFUSALS.get(what)
+    text += (
+        ". A server refuses a request it cannot carry out that way (the protocol has no error reply): "
+        + (f"for {what}, usually because {reason}; " if reason else "")
+        + "for any request, a key over 8 KiB, a value over 8 MiB or a request over its size limit. "
+        "See the server log; or the server shut down or restarted. The next call reconnects"
+    )
+    return text
 
 
 def require_queues(use_libuv: bool) -> None:
@@ -118,6 +153,18 @@ def check_then_multi_get(keys: Sequence[bytes]) -> tuple[bytes, list[p.ReplyPars
     get_req, get_parser = multi_get(keys)
     assert check_parser is not None and get_parser is not None
     return check_req + get_req, [check_parser, get_parser]
+
+
+def secret_probe() -> Command:
+    """CHECK of ``PROBE_KEY``, in the handshake of a client without a secret.
+
+    Every server answers it (torch's libuv and legacy servers, ours) except
+    ours with a shared secret, which closes the connection on any request but
+    the secret check: so a client without the secret learns at construction
+    that the server requires one, instead of mistaking the closed connection
+    for torch's legacy server (which drops only the GET of a missing key).
+    """
+    return p.encode_keys(_Q.CHECK, [PROBE_KEY]), p.parse_u8
 
 
 def num_keys() -> Command:

@@ -41,6 +41,11 @@ _tenants: dict[int, tuple[BackgroundServer, int]] = {}
 _tenants_lock = threading.Lock()
 
 
+def _wire(keys: list[bytes]) -> list[bytes]:
+    """Keys as they go on the wire (torch's "/" prefix), for error messages."""
+    return [cmd.PREFIX + k for k in keys]
+
+
 def _release_server(server: BackgroundServer | None, port: int, multi_tenant: bool) -> None:
     if server is None:
         return
@@ -117,7 +122,7 @@ class TCPStore(Store):
                     self._conn.address,
                 )
             if world_size is not None and wait_for_workers:
-                self._conn.call(cmd.add_raw(cmd.INIT_KEY, 1))
+                self._conn.call(cmd.add_raw(cmd.INIT_KEY, 1), "add", (cmd.INIT_KEY,))
                 if self._server is not None:
                     self._wait_for_workers(world_size)
         except BaseException:
@@ -200,65 +205,65 @@ class TCPStore(Store):
 
     # -- hooks: each is one command from ``commands`` ----------------------------------------
     def _set(self, key: bytes, value: bytes) -> None:
-        self._conn.call(cmd.set_(key, value))
+        self._conn.call(cmd.set_(key, value), "set", (cmd.PREFIX + key,))
 
     def _get(self, key: bytes, timeout: float) -> bytes:
         return self._multi_get([key], timeout)[0]
 
     def _multi_get(self, keys: list[bytes], timeout: float) -> list[bytes]:
         if self._pipelined_get:
-            ready, values = self._conn.call_many(*cmd.check_then_multi_get(keys))
+            ready, values = self._conn.call_many(*cmd.check_then_multi_get(keys), "get", _wire(keys))
             if ready:
                 return values  # type: ignore[no-any-return]
         self._wait(keys, timeout)
-        return self._conn.call(cmd.multi_get(keys))  # type: ignore[no-any-return]
+        return self._conn.call(cmd.multi_get(keys), "get", _wire(keys))  # type: ignore[no-any-return]
 
     def _add(self, key: bytes, amount: int) -> int:
-        return self._conn.call(cmd.add(key, amount))
+        return self._conn.call(cmd.add(key, amount), "add", (cmd.PREFIX + key,))  # type: ignore[no-any-return]
 
     def _compare_set(self, key: bytes, expected: bytes, desired: bytes) -> bytes:
-        return self._conn.call(cmd.compare_set(key, expected, desired))
+        return self._conn.call(cmd.compare_set(key, expected, desired), "compare_set", (cmd.PREFIX + key,))  # type: ignore[no-any-return]
 
     def _delete_key(self, key: bytes) -> bool:
-        return self._conn.call(cmd.delete_key(key))
+        return self._conn.call(cmd.delete_key(key), "delete_key", (cmd.PREFIX + key,))  # type: ignore[no-any-return]
 
     def _check(self, keys: list[bytes]) -> bool:
-        return self._conn.call(cmd.check(keys))
+        return self._conn.call(cmd.check(keys), "check", _wire(keys))  # type: ignore[no-any-return]
 
     def _wait(self, keys: list[bytes], timeout: float) -> None:
-        self._conn.wait(cmd.wait(keys), timeout, [cmd.PREFIX + k for k in keys])
+        self._conn.wait(cmd.wait(keys), timeout, _wire(keys))
 
     def _num_keys(self) -> int:
-        return self._conn.call(cmd.num_keys())
+        return self._conn.call(cmd.num_keys(), "num_keys")  # type: ignore[no-any-return]
 
     def _multi_set(self, keys: list[bytes], values: list[bytes]) -> None:
-        self._conn.call(cmd.multi_set(keys, values))
+        self._conn.call(cmd.multi_set(keys, values), "multi_set", _wire(keys))
 
     def _append(self, key: bytes, value: bytes) -> None:
-        self._conn.call(cmd.append(key, value))
+        self._conn.call(cmd.append(key, value), "append", (cmd.PREFIX + key,))
 
     def _list_keys(self) -> list[bytes]:
-        return self._conn.call(cmd.list_keys())
+        return self._conn.call(cmd.list_keys(), "list_keys")  # type: ignore[no-any-return]
 
     def _barrier(self, key: bytes, world_size: int, timeout: float) -> None:
         self._conn.wait(cmd.barrier(key, world_size), timeout, [key], "barrier")
 
     def _queue_push(self, key: bytes, value: bytes) -> None:
         cmd.require_queues(self._use_libuv)
-        self._conn.call(cmd.queue_push(key, value))
+        self._conn.call(cmd.queue_push(key, value), "queue_push", (cmd.PREFIX + key,))
 
     def _queue_pop(self, key: bytes, block: bool, timeout: float) -> bytes:
         cmd.require_queues(self._use_libuv)
         if block:
             self._wait([key], timeout)
-        value = self._conn.call(cmd.queue_pop(key))
+        value = self._conn.call(cmd.queue_pop(key), "queue_pop", (cmd.PREFIX + key,))
         if value is None:
             raise queue_empty(cmd.PREFIX + key, f"TCPStore at {self._conn.address}")
         return value
 
     def _queue_len(self, key: bytes) -> int:
         cmd.require_queues(self._use_libuv)
-        return self._conn.call(cmd.queue_len(key))
+        return self._conn.call(cmd.queue_len(key), "queue_len", (cmd.PREFIX + key,))  # type: ignore[no-any-return]
 
     def set_timeout(self, timeout: Timeout) -> None:
         super().set_timeout(timeout)
