@@ -19,10 +19,31 @@ import pytest
 from hypothesis import given, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-import rdzv_store.testing.plugin as plugin
-from rdzv_store import FileStore, HashStore, PrefixStore, QueueEmptyError, StoreServer, TCPStore
-from rdzv_store.testing import CURRENT, UNDEFINED, Op, Raises, StoreModel, check_operations, running_server
-from rdzv_store.testing.strategies import keys, operation, operations, store_state_machine, values
+from rdzv_store import (
+    FileStore,
+    HashStore,
+    PrefixStore,
+    QueueEmptyError,
+    StoreServer,
+    TCPStore,
+)
+from rdzv_store.testing import (
+    CURRENT,
+    UNDEFINED,
+    Op,
+    Raises,
+    StoreModel,
+    check_operations,
+    plugin,
+    running_server,
+)
+from rdzv_store.testing.strategies import (
+    keys,
+    operation,
+    operations,
+    store_state_machine,
+    values,
+)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -149,9 +170,8 @@ def test_server_thread_stops_and_fails_blocked_clients():
     thread.join(5)
     assert not thread.is_alive() and "closed the connection" in str(errors[0])
     store.close()
-    with pytest.raises(TimeoutError):
-        with running_server() as srv:
-            srv.wait_until(lambda s: s["keys"] == 1, timeout=0.05)
+    with pytest.raises(TimeoutError), running_server() as srv:
+        srv.wait_until(lambda s: s["keys"] == 1, timeout=0.05)
 
 
 # -- the model and the strategies -----------------------------------------------------------
@@ -159,7 +179,7 @@ def test_server_thread_stops_and_fails_blocked_clients():
 
 def test_model_follows_torchs_rules():
     m = StoreModel()
-    assert m.compare_set("k", b"x", b"y") == b"x" and "k".encode() not in m.kv  # missing, expected set
+    assert m.compare_set("k", b"x", b"y") == b"x" and b"k" not in m.kv  # missing, expected set
     assert m.compare_set("k", b"", b"y") == b"y"
     assert m.apply(Op("compare_set", "k", CURRENT, b"z")) == b"z"
     assert m.add("k", 1) is UNDEFINED  # not an integer
@@ -225,7 +245,7 @@ def readme_example() -> str:
     text = README.read_text()
     section = text[text.index("## Testing your launcher") :]
     section = section[: section.index("\n## ", 3)]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
     assert len(blocks) == 1, "the section has one example"
     return blocks[0]
 
@@ -234,5 +254,5 @@ def test_readme_testing_example_runs(tmp_path):
     (tmp_path / "test_launcher.py").write_text(readme_example())
     result = run_pytest(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    tests = len(re.findall(r"^def test_", readme_example(), re.M))
+    tests = len(re.findall(r"^def test_", readme_example(), re.MULTILINE))
     assert f"{tests} passed" in result.stdout, result.stdout

@@ -19,13 +19,13 @@ from .servers import ServerThread, running_server
 
 __all__ = [
     "CURRENT",
+    "UNDEFINED",
     "FaultProxy",
     "Op",
     "ProxyStats",
     "Raises",
     "ServerThread",
     "StoreModel",
-    "UNDEFINED",
     "check_operations",
     "running_server",
 ]

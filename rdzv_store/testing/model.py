@@ -30,14 +30,14 @@ from typing import Any
 __all__ = [
     "CURRENT",
     "OPERATION_NAMES",
+    "UNDEFINED",
     "Op",
     "Raises",
     "StoreModel",
-    "UNDEFINED",
-    "check_operations",
-    "run_op",
-    "check_step",
     "check_invariants",
+    "check_operations",
+    "check_step",
+    "run_op",
 ]
 
 _PLAIN_INT = re.compile(rb"-?[0-9]{1,18}")

@@ -48,14 +48,14 @@ from .servers import ServerThread
 
 __all__ = [
     "STORE_TIMEOUT",
-    "store_server_thread",
-    "store_server",
-    "tcp_store",
-    "tcp_store_factory",
     "async_tcp_store",
     "fault_proxy",
     "file_store",
     "hash_store",
+    "store_server",
+    "store_server_thread",
+    "tcp_store",
+    "tcp_store_factory",
 ]
 
 STORE_TIMEOUT = 10.0
@@ -112,9 +112,9 @@ def async_tcp_store(store_server: StoreServer) -> Iterator[Callable[..., AsyncTC
         return store
 
     yield make
-    # The server's close (the next finalizer) ends whatever a test left open; a store whose
-    # loop has ended cannot be closed from here.
-    del made
+    # Nothing to close here: a store whose loop has ended cannot be closed from another, and
+    # the server's close (the next finalizer) ends whatever connections a test left open.
+    made.clear()
 
 
 @pytest.fixture

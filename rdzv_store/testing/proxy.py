@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-__all__ = ["FaultProxy", "ProxyStats", "Direction"]
+__all__ = ["Direction", "FaultProxy", "ProxyStats"]
 
 Direction = Literal["to_server", "to_client", "both"]
 _T = TypeVar("_T")

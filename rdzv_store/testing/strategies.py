@@ -24,11 +24,17 @@ from typing import Any
 
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from .model import CURRENT, OPERATION_NAMES, Op, StoreModel, check_step
 
-__all__ = ["DEFAULT_KEYS", "keys", "values", "operation", "operations", "store_state_machine"]
+__all__ = ["DEFAULT_KEYS", "keys", "operation", "operations", "store_state_machine", "values"]
 
 DEFAULT_KEYS: tuple[str, ...] = ("a", "b", "ctr", "é", "")
 """Few keys, so that generated operations hit the same keys; non-ASCII and empty included."""
