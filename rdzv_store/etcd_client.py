@@ -310,7 +310,7 @@ class EtcdClient:
         tried = 0
         last: _Retry | None = None
         last_ep = ""
-        no_leader_only = True
+        saw_no_leader = False
         pause = 0.02
         reauthed = False
         while True:
@@ -328,7 +328,7 @@ class EtcdClient:
                 continue
             except _Retry as exc:
                 last, last_ep = exc, str(self.endpoints[index])
-                no_leader_only = no_leader_only and exc.no_leader
+                saw_no_leader = saw_no_leader or exc.no_leader
                 logger.debug("etcd %s: %s; trying the next endpoint", last_ep, exc.cause)
             tried += 1
             with self._lock:
@@ -340,8 +340,13 @@ class EtcdClient:
                 pause = min(pause * 2, 0.5)
         assert last is not None
         cause = f"no etcd endpoint answered in time, last error: {last.cause}"
-        if no_leader_only:
-            raise EtcdNoLeaderError(f"etcd cluster has no leader: {last.cause}", last_ep, key)
+        if saw_no_leader:
+            # The members that answered had no leader; the others did not answer at all.
+            raise EtcdNoLeaderError(
+                f"etcd cluster has no leader (members that answered said so; last error: {last.cause}; tried {self.describe()})",
+                last_ep,
+                key,
+            )
         raise EtcdUnavailableError(cause + f"; tried {self.describe()}", last_ep, key)
 
     def _post(self, index: int, path: str, data: bytes, key: bytes | None, timeout: float) -> dict[str, Any]:
