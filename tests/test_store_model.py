@@ -1,7 +1,7 @@
 """Stateful model check: every store behaves like a dict of bytes plus FIFO queues.
 
 The same rule set runs against HashStore, TCPStore (our server), a PrefixStore
-over TCPStore, and AsyncTCPStore. The model is deliberately naive (a dict and
+over TCPStore, AsyncTCPStore and EtcdStore (a real etcd member, tests/etcd_helpers.py). The model is deliberately naive (a dict and
 lists), written from torch's documented semantics, not from our engine; it lives in
 ``rdzv_store.testing.model`` (the state machine in ``rdzv_store.testing.strategies``).
 """
@@ -9,11 +9,12 @@ lists), written from torch's documented semantics, not from our engine; it lives
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 
 import pytest
 
-from rdzv_store import AsyncTCPStore, HashStore, PrefixStore, TCPStore
+from rdzv_store import AsyncTCPStore, EtcdStore, HashStore, PrefixStore, TCPStore
 from rdzv_store.testing.strategies import store_state_machine
 
 
@@ -82,3 +83,12 @@ test_tcpstore_model = make_machine(_tcp_client, counts_all_keys=True).TestCase
 # num_keys of a PrefixStore is the server's total (torch): other prefixes may be present.
 test_prefix_tcpstore_model = make_machine(_prefix_over_tcp, counts_all_keys=False).TestCase
 test_async_tcpstore_model = make_machine(_async_client, counts_all_keys=True).TestCase
+
+
+def _etcd_store() -> EtcdStore:
+    from etcd_helpers import shared_member  # skips (fails under CI) without an etcd binary
+
+    return EtcdStore(shared_member().endpoints, prefix=f"/model-{uuid.uuid4().hex}/", timeout=5)
+
+
+test_etcdstore_model = make_machine(_etcd_store, counts_all_keys=True).TestCase
