@@ -350,9 +350,20 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _LegacyProbeAtInfo(logging.Filter):
+    """The client finding torch's legacy server is expected here, not a warning: shown at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and "legacy server" in record.getMessage():
+            return logging.getLogger().isEnabledFor(logging.INFO)
+        return True
+
+
 def _connect(args: argparse.Namespace) -> Any:
     """A client that does not count itself in the store's ``init/`` key (no world_size)."""
     from .tcpstore import TCPStore
+
+    logging.getLogger("rdzv_store.tcpstore").addFilter(_LegacyProbeAtInfo())
 
     host, port = args.address
     secret = _read_secret(args.secret_file) if args.secret_file else None
