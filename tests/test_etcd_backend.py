@@ -3,6 +3,9 @@ revision tokens, the lease TTL, concurrent compare-and-set, create_backend's par
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -186,3 +189,61 @@ def test_unreachable_etcd_is_a_connection_error_within_the_timeout():
         create_backend(_params(f"127.0.0.1:{free_port()}", read_timeout="1"))
     assert time.monotonic() - start < 3
     assert "127.0.0.1" in str(info.value.__cause__)
+
+
+_NO_TORCH = r"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch imported by " + name)
+sys.meta_path.insert(0, Block())
+import rdzv_store, rdzv_backend, rdzv_backend.etcd, rdzv_backend.torchrun_plugin
+from rdzv_store import EtcdStore
+assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("python", [sys.executable, "/work/venv-torch/bin/python"])
+def test_importing_the_packages_and_the_plugin_module_never_imports_torch(python):
+    if not os.path.exists(python):
+        pytest.skip(f"{python} not present")
+    out = subprocess.run([python, "-c", _NO_TORCH], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_our_handler_runs_over_the_etcd_backend_unchanged():
+    from rdzv_backend.dynamic import create_handler as create_our_handler
+
+    ep = shared_member().endpoints[0]
+    run_id = "run-" + uuid.uuid4().hex
+    n = 4
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+    made = []
+    done = threading.Barrier(n)
+
+    def agent(i: int) -> None:
+        try:
+            params = RendezvousParameters("etcd-v3", ep, run_id, n, n, local_addr="127.0.0.1", read_timeout="30", last_call_timeout="1", join_timeout="60")
+            backend, store = create_backend(params)
+            made.append(store)
+            handler = create_our_handler(store, backend, params)
+            info = handler.next_rendezvous()
+            results[i] = (info.rank, info.world_size, handler.get_backend())
+            done.wait(60)  # shutdown closes the rendezvous: only once every agent has its rank
+            handler.shutdown()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    for s in made:
+        s.close()
+    assert not errors, errors
+    assert sorted(r[0] for r in results) == list(range(n))
+    assert all(r[1] == n and r[2] == "etcd-v3" for r in results)
