@@ -64,9 +64,10 @@ def run_demo(workers: int) -> int:
     elapsed = time.monotonic() - started
     ok = all(code == 0 for code in codes)
     proved = ok and arrivals == workers and all(n == workers for n in seen) and keys == expected_keys(workers)
-    print(f"host: arrivals counter = {arrivals}: every worker counted itself in once, each add atomic")
-    print(f"host: keys on the server = {keys} = {expected_keys(workers)} expected: init/ (the workers counting "
-          f"themselves in) + arrivals + the barrier's counter + {workers} hello/ + {workers} done/")
+    print(f"host: arrivals counter = {arrivals}: each worker's add counted exactly once")
+    verdict = "as expected" if keys == expected_keys(workers) else f"expected {expected_keys(workers)}"
+    print(f"host: {keys} keys on the server, {verdict}: init/ (the workers counting themselves in) + arrivals "
+          f"+ the barrier's counter + {workers} hello/<rank> + {workers} done/<rank>")
     if proved:
         print(f"host: proved: all {workers} workers passed the barrier and each read all {workers} greetings, "
               "so no worker left the barrier before every greeting was written")
