@@ -1,16 +1,22 @@
 """Prometheus metrics for ``StoreServer``: plain integers on the hot path, text at scrape time.
 
-Why not ``prometheus_client``: measured per request (``benchmarks/bench_metrics.py``), its
-labelled ``Counter.inc`` and ``Histogram.observe`` (each takes a lock, the histogram walks
-its buckets) cost about 2.5 us for the three counters and one histogram sample a request
-needs, 10-15% of the server's CPU per small request; these lists cost about 0.3 us. So the
-hot path here is list indexing, the histogram bucket is found by ``bisect`` on a precomputed
-tuple of nanosecond bounds, and everything the server already knows (open connections,
-keys, waiters, the incomplete-request budget) is read only when Prometheus scrapes.
+Why not ``prometheus_client``: measured per request (``benchmarks/bench_metrics.py``,
+``benchmarks/results/metrics.md``), its labelled ``Counter.inc`` and ``Histogram.observe``
+(each takes a lock, the histogram walks its buckets) cost several times what these
+integers do. So the hot path here is list indexing; the histogram's buckets are powers of
+two nanoseconds, so that a bucket is one ``int.bit_length`` and a table look-up (``bisect``
+on decimal bounds measured 0.1 us slower per request); and everything the server already
+knows (open connections, keys, waiters, the incomplete-request budget) is read only when
+Prometheus scrapes.
 
-The server calls, and only these (see ``server.py``):
+The server touches, and only these (see ``server.py``):
 
-* ``record(op, request_bytes, reply_bytes, ns)`` once per handled request;
+* ``counts``, once per handled request, inline (a method call would cost a tenth of the
+  whole budget): one flat list, ``SLOTS`` integers per request type ``op`` from
+  ``op * SLOTS``: the latency buckets (non-cumulative; the bucket is
+  ``BUCKET_OF_BITS[(ns - 1).bit_length()]``), then at ``+ SUM`` the nanoseconds, ``+ RX`` the
+  request bytes and ``+ TX`` the reply bytes. A type's request count is the sum of its
+  buckets, so it costs nothing to keep;
 * ``accepted`` / ``refused`` / ``closed(reason, received)`` once per connection;
 * ``released`` += 1 per waiter released (a STOP_WAITING sent).
 
@@ -22,23 +28,25 @@ from __future__ import annotations
 
 import os
 import time
-from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .protocol import QueryType
 
-__all__ = ["ServerMetrics", "Sample", "LATENCY_BUCKETS", "CLOSE_REASONS", "CONTENT_TYPE"]
+__all__ = ["ServerMetrics", "Sample", "LATENCY_BUCKETS", "BUCKET_OF_BITS", "SLOTS", "SUM", "RX", "TX", "CLOSE_REASONS",
+           "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# Seconds. A small request takes 2-10 us to parse and run; a 64 MiB MULTI_SET tens of ms.
-LATENCY_BUCKETS: tuple[float, ...] = (
-    2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
-    1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1.0,
-)  # fmt: skip
-_BOUNDS_NS = tuple(round(b * 1e9) for b in LATENCY_BUCKETS)
+# Upper bounds in seconds: 2**11 ns (2.048 us) to 2**30 ns (1.07 s), doubling (as Prometheus's
+# native histograms do). A small request takes 2-10 us to parse and run; a 64 MiB MULTI_SET tens of ms.
+_FIRST_BIT, _LAST_BIT = 11, 30
+LATENCY_BUCKETS: tuple[float, ...] = tuple(2**k / 1e9 for k in range(_FIRST_BIT, _LAST_BIT + 1))
 _NB = len(LATENCY_BUCKETS) + 1  # + the +Inf bucket
+# ns <= 2**k exactly when (ns - 1).bit_length() <= k: bit length -> bucket index (last: +Inf).
+BUCKET_OF_BITS = tuple(min(max(0, bits - _FIRST_BIT), _NB - 1) for bits in range(65))
+SUM, RX, TX = _NB, _NB + 1, _NB + 2  # offsets in one request type's slots, after its buckets
+SLOTS = _NB + 3
 _NOPS = max(QueryType) + 1
 _OPS = [q.name.lower() for q in sorted(QueryType)]  # label value by request type number
 
@@ -75,17 +83,10 @@ class Sample:
 class ServerMetrics:
     """Counters of one ``StoreServer``. Touched only from the server's event-loop thread."""
 
-    __slots__ = (
-        "requests", "request_bytes", "reply_bytes", "_buckets", "_sum_ns",
-        "accepted", "refused", "_closed", "_received_closed", "released", "start_time",
-    )  # fmt: skip
+    __slots__ = ("counts", "accepted", "refused", "_closed", "_received_closed", "released", "start_time")
 
     def __init__(self) -> None:
-        self.requests = [0] * _NOPS  # by request type number
-        self.request_bytes = [0] * _NOPS
-        self.reply_bytes = [0] * _NOPS
-        self._buckets = [0] * (_NOPS * _NB)  # per type, not cumulative (render cumulates)
-        self._sum_ns = [0] * _NOPS
+        self.counts = [0] * (_NOPS * SLOTS)  # see the module's docstring
         self.accepted = 0
         self.refused = 0
         self._closed = dict.fromkeys(CLOSE_REASONS, 0)
@@ -93,14 +94,20 @@ class ServerMetrics:
         self.released = 0
         self.start_time = time.time()
 
-    # -- hot path ----------------------------------------------------------------------------
+    # -- hot path (the server inlines this; here for tests and benchmarks) ------------------
     def record(self, op: int, request_bytes: int, reply_bytes: int, ns: int) -> None:
         """One handled request of type ``op``: its size, its reply's size, the time it took."""
-        self.requests[op] += 1
-        self.request_bytes[op] += request_bytes
-        self.reply_bytes[op] += reply_bytes
-        self._buckets[op * _NB + bisect_left(_BOUNDS_NS, ns)] += 1
-        self._sum_ns[op] += ns
+        base = op * SLOTS
+        c = self.counts
+        c[base + BUCKET_OF_BITS[(ns - 1).bit_length()]] += 1
+        c[base + SUM] += ns
+        c[base + RX] += request_bytes
+        c[base + TX] += reply_bytes
+
+    def requests(self, op: int) -> int:
+        """Requests of type ``op`` handled so far."""
+        base = op * SLOTS
+        return sum(self.counts[base : base + _NB])
 
     # -- per connection ----------------------------------------------------------------------
     def closed(self, reason: str, received: int) -> None:
@@ -134,13 +141,14 @@ class ServerMetrics:
         one(p + "received_bytes_total", "counter",
             "Bytes received on store connections, incomplete and refused requests included.",
             self._received_closed + s.received_open)
+        c = self.counts
         family(p + "requests_total", "counter", "Requests handled, by request type.",
-               (f'{p}requests_total{{type="{_OPS[op]}"}} {n}' for op, n in enumerate(self.requests)))
+               (f'{p}requests_total{{type="{_OPS[op]}"}} {self.requests(op)}' for op in range(_NOPS)))
         family(p + "request_bytes_total", "counter", "Bytes of handled requests, by request type.",
-               (f'{p}request_bytes_total{{type="{_OPS[op]}"}} {n}' for op, n in enumerate(self.request_bytes)))
+               (f'{p}request_bytes_total{{type="{_OPS[op]}"}} {c[op * SLOTS + RX]}' for op in range(_NOPS)))
         family(p + "reply_bytes_total", "counter",
                "Bytes of replies to handled requests, by request type (STOP_WAITING notifications not included).",
-               (f'{p}reply_bytes_total{{type="{_OPS[op]}"}} {n}' for op, n in enumerate(self.reply_bytes)))
+               (f'{p}reply_bytes_total{{type="{_OPS[op]}"}} {c[op * SLOTS + TX]}' for op in range(_NOPS)))
         family(p + "request_duration_seconds", "histogram",
                "Time to parse and run one request and queue its reply (not the time a wait blocks), "
                "by request type; types never seen are left out.",
@@ -164,16 +172,17 @@ class ServerMetrics:
 
     def _histogram(self, name: str) -> Iterable[str]:
         les = [_num(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        c = self.counts
         for op in range(_NOPS):
-            count = self.requests[op]
-            if not count:
+            if not self.requests(op):
                 continue
             label = _OPS[op]
+            base = op * SLOTS
             cumulative = 0
             for i, le in enumerate(les):
-                cumulative += self._buckets[op * _NB + i]
+                cumulative += c[base + i]
                 yield f'{name}_bucket{{type="{label}",le="{le}"}} {cumulative}'
-            yield f'{name}_sum{{type="{label}"}} {_num(self._sum_ns[op] / 1e9)}'
+            yield f'{name}_sum{{type="{label}"}} {_num(c[base + SUM] / 1e9)}'
             yield f'{name}_count{{type="{label}"}} {cumulative}'
 
 
