@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-prometheus_parser = pytest.importorskip("prometheus_client.parser")
+import prometheus_client.parser as prometheus_parser  # the test extra; a real Prometheus text parser
 
 from rdzv_store import StoreAuthError, StoreConnectionError, StoreServer, TCPStore  # noqa: E402
 from rdzv_store import metrics_http  # noqa: E402
