@@ -20,6 +20,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -546,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         return 130
+    except BrokenPipeError:  # stdout closed early (rdzv-store keys ... | head): not worth a message
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush cannot fail again
+        return 1
     except Exception as exc:  # a runtime failure: one line, the traceback only with --debug
         if args.debug:
             raise

@@ -207,3 +207,14 @@ def test_ipv6_address_form(server):
         pytest.skip("no IPv6 loopback")
     # Our server bound 127.0.0.1 only, so [::1] is refused: the address form parses, the connect fails.
     one_line_error(cli("ping", f"[::1]:{port}", "--timeout", "0.5"), "::1")
+
+
+def test_a_closed_stdout_is_not_a_traceback(server, store):
+    for i in range(200):
+        store.set(f"live/many/{i:03d}", "x")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rdzv_store", "keys", server], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # the reader went away before the output was written (as with | head -0)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and stderr == b"", stderr
