@@ -544,8 +544,12 @@ class StoreServer:
     section lists them. ``self.metrics`` holds the counters (``None`` when off)
     and ``render_metrics()`` the text, for embedders with their own HTTP server.
 
-    Raises ``ValueError`` for a ``metrics`` that is not a port in 0..65535 or
-    a ``(non-empty host, port)`` pair.
+    Binding happens in ``start()``, so constructing one does no I/O.
+
+    Raises:
+        ValueError: ``metrics`` is not a port in 0..65535 or a ``(non-empty host, port)``
+            pair; ``secret`` is shorter than 16 bytes.
+        TypeError: ``secret`` is neither ``str`` nor convertible to ``bytes``.
     """
 
     def __init__(
@@ -587,32 +591,52 @@ class StoreServer:
 
     @property
     def connection_count(self) -> int:
-        """Store connections open now (admitted, not yet lost). Raises nothing."""
+        """Store connections open now (admitted, not yet lost).
+
+        Raises:
+            Nothing.
+        """
         return len(self._connections)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        """``(host, port)`` of every listening store socket; empty before ``start`` and after ``close``."""
+        """``(host, port)`` of every listening store socket; empty before ``start`` and after ``close``.
+
+        Raises:
+            Nothing.
+        """
         return [s.getsockname()[:2] for srv in self._servers for s in srv.sockets]
 
     @property
     def metrics_addresses(self) -> list[tuple[str, int]]:
-        """``(host, port)`` of every listening metrics socket; empty when metrics are off or not started."""
+        """``(host, port)`` of every listening metrics socket; empty when metrics are off or not started.
+
+        Raises:
+            Nothing.
+        """
         return [] if self._metrics_endpoint is None else self._metrics_endpoint.addresses
 
     @property
     def metrics_port(self) -> int | None:
-        """The bound metrics port once started (``None`` when metrics are off or not started)."""
+        """The bound metrics port once started (``None`` when metrics are off or not started).
+
+        Raises:
+            Nothing.
+        """
         addresses = self.metrics_addresses
         return addresses[0][1] if addresses else None
 
     async def start(self) -> None:
         """Bind and listen (the store, then the metrics endpoint if asked for); ``port`` becomes the bound port.
 
-        Must run in the event loop that will serve the connections. Raises
-        ``StoreConnectionError`` when ``host`` (or the metrics host) does not
-        resolve or an address cannot be bound (port in use, address not on this
-        machine, permission denied); nothing is left listening then.
+        Must run in the event loop that will serve the connections. On failure
+        nothing is left listening.
+
+        Raises:
+            StoreConnectionError: ``host`` (or the metrics host) does not resolve, or an
+                address cannot be bound (port in use, address not on this machine,
+                permission denied); the message says which listener failed.
+            RuntimeError: no event loop is running.
         """
         loop = asyncio.get_running_loop()
         socks = [self._sock] if self._sock is not None else self._bind()
@@ -670,7 +694,10 @@ class StoreServer:
     async def close(self) -> None:
         """Stop listening and close every connection; blocked clients see EOF immediately.
 
-        Also closes the metrics endpoint. Idempotent; raises nothing of its own.
+        Also closes the metrics endpoint. Idempotent.
+
+        Raises:
+            Nothing of its own.
         """
         for server in self._servers:
             server.close()
@@ -686,7 +713,9 @@ class StoreServer:
     async def serve_forever(self) -> None:
         """``start()`` if not started, then serve until cancelled (or ``close()`` from another task).
 
-        Raises what ``start()`` raises, and ``asyncio.CancelledError`` when cancelled.
+        Raises:
+            StoreConnectionError: as ``start()``, when it had not been started.
+            asyncio.CancelledError: the task was cancelled (the way to stop it).
         """
         if not self._servers:
             await self.start()
@@ -695,7 +724,10 @@ class StoreServer:
     def render_metrics(self) -> str:
         """The metrics in Prometheus's text format (0.0.4), as ``/metrics`` serves them.
 
-        Call it from the server's event loop. Raises ``RuntimeError`` when metrics are off.
+        Call it from the server's event loop (or once that loop has stopped).
+
+        Raises:
+            RuntimeError: metrics are off (constructed without ``metrics=``).
         """
         if self.metrics is None:
             raise RuntimeError("metrics are off: construct the StoreServer with metrics=PORT or (HOST, PORT)")
@@ -752,8 +784,10 @@ def _url_host(host: str) -> str:
 class BackgroundServer:
     """A ``StoreServer`` on its own event-loop thread, for ``TCPStore(is_master=True)``.
 
-    The constructor starts the thread and the server; it raises what
-    ``StoreServer.start`` raises (the thread is stopped first).
+    The constructor starts the thread and the server.
+
+    Raises:
+        StoreConnectionError: as ``StoreServer.start`` (the thread is stopped first).
     """
 
     def __init__(self, server: StoreServer) -> None:
@@ -769,11 +803,19 @@ class BackgroundServer:
 
     @property
     def port(self) -> int:
+        """The server's bound port.
+
+        Raises:
+            Nothing.
+        """
         return self.server.port
 
     def stop(self) -> None:
-        """Close the server and stop its thread. Idempotent; raises ``TimeoutError`` if closing
-        takes over 10 s."""
+        """Close the server and stop its thread. Idempotent.
+
+        Raises:
+            TimeoutError: closing took over 10 s (the loop is stopped all the same).
+        """
         if not self._thread.is_alive():
             return
         try:

@@ -679,3 +679,27 @@ def test_readme_documents_every_metric_and_the_alert_uses_real_ones(serve) -> No
     used = set(re.findall(r"\b((?:rdzv_store|process)_[a-z_]+)", alert))
     assert used and used <= served
     raw.close()
+
+
+# -- StoreServer's docstrings (the project's rule: a Raises: section on every public member) ---
+
+
+@pytest.mark.parametrize("cls", [StoreServer, BackgroundServer], ids=lambda c: c.__name__)
+def test_server_docstrings_say_what_they_raise(cls: type) -> None:
+    import inspect
+
+    members = {"": cls}
+    for name, value in vars(cls).items():
+        if not name.startswith("_") and (inspect.isfunction(value) or isinstance(value, property)):
+            members[name] = value
+    assert len(members) > 2
+    for name, member in members.items():
+        doc = inspect.cleandoc(member.__doc__ or "")
+        assert "\nRaises:\n" in doc, f"{cls.__name__}.{name}: no Raises: section"
+        entries = doc.split("\nRaises:\n", 1)[1].split("\n\n")[0].splitlines()
+        first = [e.strip() for e in entries if len(e) - len(e.lstrip()) == 4]
+        assert first, f"{cls.__name__}.{name}: empty Raises: section"
+        for entry in first:
+            head = re.match(r"[\w.]+", entry).group().rstrip(".")  # type: ignore[union-attr]
+            assert head in {"Nothing", "ValueError", "TypeError", "RuntimeError", "TimeoutError",
+                            "StoreConnectionError", "asyncio.CancelledError"}, (cls.__name__, name, entry)
