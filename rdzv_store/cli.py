@@ -199,7 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     _command(commands, "add", "add an integer to a counter key and print the sum", _configure_add, _run_add)
     _command(commands, "delete", "delete a key", _configure_delete, _run_delete)
     _command(commands, "wait", "block until every key exists (or --timeout passes)", _configure_wait, _run_wait)
+    _command(commands, "inspect", "show a store's keys and every elastic rendezvous state in it (never runs pickle)", _configure_inspect, _run_inspect)
     return parser
+
+
+def _configure_inspect(parser: argparse.ArgumentParser) -> None:
+    importlib.import_module("rdzv_backend.inspect").configure_parser(parser)  # lazy: rdzv_store never imports rdzv_backend
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    code: int = importlib.import_module("rdzv_backend.inspect").run(args)
+    return code
 
 
 # -- serve ------------------------------------------------------------------------------------------
