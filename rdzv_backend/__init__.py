@@ -21,6 +21,8 @@ from .api import (
     RendezvousTimeoutError,
 )
 from .c10d import DEFAULT_PORT, C10dRendezvousBackend, RendezvousBackend, Token, create_backend
+from .state import NodeDesc, RendezvousState
+from .state_codec import decode_state, encode_state, state_from_json, state_to_json
 from .api import RendezvousHandler, RendezvousInfo, RendezvousStoreInfo
 from .dynamic import DynamicRendezvousHandler, RendezvousSettings, RendezvousTimeout, create_handler
 from .utils import (
@@ -32,6 +34,12 @@ from .utils import (
 
 __all__ = [
     "DEFAULT_PORT",
+    "NodeDesc",
+    "RendezvousState",
+    "decode_state",
+    "encode_state",
+    "state_from_json",
+    "state_to_json",
     "DynamicRendezvousHandler",
     "RendezvousHandler",
     "RendezvousInfo",
