@@ -1,0 +1,21 @@
+"""Real network faults across network namespaces, with our clients (see netns_helpers.py).
+
+Our server runs on host ``srv`` with a 1+1x2 s keepalive, clients on ``c1`` and ``c2``,
+each a process started with ``ip netns exec``. Needs root and iproute2 (CI has both); where
+namespaces cannot be made the tests skip, and fail under CI=true. torch's clients in the
+same scenarios: tests/interop/test_netns_interop.py.
+"""
+
+from __future__ import annotations
+
+from netns_scenarios import cut_mid_wait, hosts, slow_client_does_not_slow_others, topology
+
+__all__ = ["hosts", "topology"]  # fixtures
+
+
+def test_link_cut_mid_wait_then_restored(hosts):
+    cut_mid_wait(hosts, ["tcp", "async"])
+
+
+def test_delayed_client_does_not_slow_the_others(hosts):
+    slow_client_does_not_slow_others(hosts, "tcp")
