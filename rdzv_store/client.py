@@ -293,6 +293,11 @@ class Connection:
             sock.sendall(data)
         except OSError as exc:
             self._drop()
+            if isinstance(exc, (ConnectionResetError, BrokenPipeError)):  # closed on us mid-request
+                raise StoreConnectionError(
+                    f"the store at {self.address} "
+                    + commands.refusal(self._op or "a request", self._keys, self._unanswered)
+                ) from None
             raise StoreConnectionError(
                 f"lost the connection to the store at {self.address}{self._what()}: {exc}. The next call reconnects"
             ) from None

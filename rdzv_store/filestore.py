@@ -534,6 +534,18 @@ class FileStore(Store):
     the file), but only the creating process's ``close`` counts as leaving;
     create a new FileStore or ``clone()`` in the child to be counted there.
 
+    Raises:
+        TypeError: ``file_name`` is not str, bytes or path-like; ``world_size``
+            or ``compact_threshold`` is not an int.
+        ValueError: ``world_size`` does not fit in 64 bits, or
+            ``compact_threshold`` is not positive.
+        StoreError: the file name is invalid, its directory does not exist, or
+            the file cannot be opened or locked (the message names the path).
+        Operations raise what ``Store`` documents; also ``StoreError`` when the
+        file was deleted or replaced behind the store, or after ``close()``;
+        ``ValueError`` from ``add`` on a value that is not an integer;
+        ``NotImplementedError`` for queues (as torch).
+
     Compaction leaves a ``.NAME.compact-*`` temporary file behind only if the
     process dies in the middle of one; it can be deleted. The new file gets the
     old file's mode, but belongs to the user who compacted.
@@ -601,11 +613,20 @@ class FileStore(Store):
 
     @property
     def path(self) -> str:
-        """The file name as given (bytes and path-like objects as ``str``)."""
+        """The file name as given (bytes and path-like objects as ``str``).
+
+        Raises:
+            Nothing.
+        """
         return self._path
 
     @property
     def world_size(self) -> int:
+        """torch's deletion rule: the file goes once this many instances have closed (-1: never).
+
+        Raises:
+            Nothing.
+        """
         return self._world_size
 
     def __repr__(self) -> str:
@@ -613,24 +634,40 @@ class FileStore(Store):
         return f"FileStore(path={self._path!r}, world_size={self._world_size}{state})"
 
     def clone(self) -> FileStore:
-        """A new instance on the same file (one more ``refcount/``), with the current timeout."""
+        """A new instance on the same file (one more ``refcount/``), with the current timeout.
+
+        Raises:
+            StoreError: the file is gone or cannot be opened and locked.
+        """
         other = type(self)(self._file_name, self._world_size, compact_threshold=self._log.compact_threshold)
         other.set_timeout(self._timeout_s)
         return other
 
     def close(self) -> None:
-        """Leave the file: ``cleanup/`` += 1, ``refcount/`` -= 1, maybe delete it. Idempotent."""
+        """Leave the file: ``cleanup/`` += 1, ``refcount/`` -= 1, maybe delete it. Idempotent.
+
+        Raises:
+            StoreError: the file could not be updated or deleted (the first close only).
+        """
         if self._finalizer.detach() is not None:
             self._log.release(raise_errors=True)
 
     @property
     def closed(self) -> bool:
+        """Whether ``close()`` (or garbage collection) released this instance.
+
+        Raises:
+            Nothing.
+        """
         return self._log.closed
 
     def compact(self) -> int:
         """Rewrite the file to its live keys only; return its new size in bytes.
 
         Unsafe while torch processes use the file (see the class docstring).
+
+        Raises:
+            StoreError: the file is gone, or the new file cannot be written or renamed.
         """
         return self._log.compact()
 

@@ -18,6 +18,11 @@ class HashStore(Store):
 
     Differences from torch: ``add`` wakes waiters (torch's makes them sleep to
     their deadline), and timeouts of zero or less mean "do not wait".
+
+    Raises:
+        Nothing at construction. Operations raise what ``Store`` documents;
+        ``add`` raises ``ValueError`` naming the key when the stored value is
+        not an integer, and ``queue_pop(block=False)`` ``QueueEmptyError``.
     """
 
     def __init__(self) -> None:
@@ -26,9 +31,19 @@ class HashStore(Store):
         self._lock = threading.Lock()
 
     def has_extended_api(self) -> bool:
+        """True: HashStore has torch's extended API.
+
+        Raises:
+            Nothing.
+        """
         return True
 
     def clone(self) -> HashStore:
+        """This same object, as torch's HashStore does (the data is shared anyway).
+
+        Raises:
+            Nothing.
+        """
         return self
 
     # -- writes ----------------------------------------------------------------------------------

@@ -73,6 +73,30 @@ class TCPStore(Store):
     (``rdzv_store.auth``) for this client and, with ``is_master``, for the
     server it hosts; ``allow_torch_clients`` lets that server also serve
     clients that skip the check. Without a secret the wire is torch's.
+
+    Connection loss: when the server closes the connection (it refuses a
+    request it cannot carry out, e.g. ``add`` on a value that is not an
+    integer, as the protocol has no error reply; or it shut down or
+    restarted), the call in flight raises ``StoreConnectionError`` saying which
+    operation and key the server refused and why that usually happens, and the
+    next call reconnects within the store timeout, with the full handshake
+    (shared-secret check included) and without counting this client in
+    ``init/`` again. A failed call is never retried (nothing is sent twice).
+    After ``close()`` every call raises ``StoreConnectionError``.
+
+    Raises:
+        ValueError: ``world_size == 0``, ``port`` outside 0..65535, or a
+            ``secret`` shorter than 16 bytes.
+        TypeError: ``timeout`` is not a ``timedelta`` or seconds.
+        StoreConnectionError: with ``is_master``, the port cannot be bound; the
+            server cannot be reached within ``timeout`` (the message names the
+            address and the timeout; connect attempts are logged at INFO).
+        StoreAuthError: the shared-secret check failed, or the server requires
+            a secret and none was given.
+        StoreTimeoutError: with ``is_master`` and ``wait_for_workers``, fewer
+            than ``world_size`` clients joined within ``timeout``.
+        Each operation raises what ``Store`` documents, and
+        ``StoreConnectionError`` when the server closes the connection.
     """
 
     def __init__(
@@ -175,7 +199,12 @@ class TCPStore(Store):
             time.sleep(0.005)
 
     def close(self) -> None:
-        """Close the connection and, if this object hosts the server, stop it."""
+        """Close the connection and, if this object hosts the server, stop it. Idempotent;
+        later calls on this object raise ``StoreConnectionError``.
+
+        Raises:
+            Nothing.
+        """
         conn = getattr(self, "_conn", None)
         if conn is not None:
             conn.close()
@@ -184,12 +213,28 @@ class TCPStore(Store):
     # -- properties --------------------------------------------------------------------------
     @property
     def libuvBackend(self) -> bool:  # noqa: N802 - torch's name
+        """Whether this client follows torch's libuv rules (``use_libuv``), as torch reports it.
+
+        Raises:
+            Nothing.
+        """
         return self._use_libuv
 
     def has_extended_api(self) -> bool:
+        """True: TCPStore has torch's extended API.
+
+        Raises:
+            Nothing.
+        """
         return True
 
     def clone(self) -> TCPStore:
+        """A new client of the same server (its own connection; not counted in ``init/``).
+
+        Raises:
+            StoreConnectionError: the server cannot be reached within the store timeout.
+            StoreAuthError: the shared-secret check failed.
+        """
         return TCPStore(
             self.host,
             self.port,
@@ -266,5 +311,10 @@ class TCPStore(Store):
         return self._conn.call(cmd.queue_len(key), "queue_len", (cmd.PREFIX + key,))  # type: ignore[no-any-return]
 
     def set_timeout(self, timeout: Timeout) -> None:
+        """Set the store timeout: default for waits, bound for every reply and reconnect.
+
+        Raises:
+            TypeError: ``timeout`` is neither a ``timedelta`` nor a number.
+        """
         super().set_timeout(timeout)
         self._conn.set_reply_timeout(timeout_seconds(timeout))
