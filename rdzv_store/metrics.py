@@ -139,7 +139,7 @@ class ServerMetrics:
                "Accepted store connections that ended, by reason.",
                (f'{p}connections_closed_total{{reason="{r}"}} {n}' for r, n in self._closed.items()))
         one(p + "received_bytes_total", "counter",
-            "Bytes received on store connections, incomplete and refused requests included.",
+            "Bytes received on store connections, incomplete and malformed requests included.",
             self._received_closed + s.received_open)
         c = self.counts
         family(p + "requests_total", "counter", "Requests handled, by request type.",
