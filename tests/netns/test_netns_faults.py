@@ -19,3 +19,14 @@ def test_link_cut_mid_wait_then_restored(hosts):
 
 def test_delayed_client_does_not_slow_the_others(hosts):
     slow_client_does_not_slow_others(hosts, "tcp")
+
+
+def test_readme_table_is_the_rendering_of_the_results_file():
+    """No namespaces needed: the README's table must be what netns_report.py makes of results.json."""
+    import json
+
+    import netns_report
+
+    data = json.loads(netns_report.RESULTS.read_text())
+    assert netns_report.readme_block(netns_report.README.read_text()) == netns_report.render(data)
+    assert {"rdzv-store TCPStore", "rdzv-store AsyncTCPStore", "torch 2.13 TCPStore"} <= set(data["clients"])
