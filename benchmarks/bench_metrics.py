@@ -75,7 +75,9 @@ def cpu_ns(pid: int) -> int:
 def cell(summary: dict[str, Any], unit: str = "", digits: int = 3) -> str:
     if not summary or summary.get("median") is None:
         return "n/a"
-    return f"{summary['median']:.{digits}g}{unit} ±{summary['spread'] * 100:.0f}%"
+    med = summary["median"]
+    number = f"{med:,.0f}" if abs(med) >= 10 ** (digits - 1) else f"{med:.{digits}g}"
+    return f"{number}{unit} ±{summary['spread'] * 100:.0f}%"
 
 
 def rotations(names: list[str], rep: int) -> list[str]:
@@ -292,11 +294,12 @@ def scraped_requests(mport: int) -> int:
                if line.startswith("rdzv_store_requests_total{"))
 
 
-def round_trips(store: Any, ops: int) -> dict[str, float]:
-    """p50 (us) of add, check and compare_set 1 KiB round trips; ``ops`` of each, interleaved."""
+def round_trips(store: Any, ops: int, lat: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """Latencies (ns) of add, check and compare_set 1 KiB round trips, ``ops`` of each, interleaved
+    (appended to ``lat``); 3 * ``ops`` requests."""
     clock = time.perf_counter_ns
-    lat: dict[str, list[int]] = {"add": [], "check": [], "compare_set": []}
-    store.set("cas", VALUE)
+    if lat is None:
+        lat = {"add": [], "check": [], "compare_set": []}
     for _ in range(ops):
         t = clock()
         store.add("counter", 1)
@@ -308,7 +311,7 @@ def round_trips(store: Any, ops: int) -> dict[str, float]:
         lat["add"].append(t1 - t)
         lat["check"].append(t2 - t1)
         lat["compare_set"].append(t3 - t2)
-    return {k: statistics.median(v) / 1000 for k, v in lat.items()}
+    return lat
 
 
 async def _pipelined(port: int, pid: int, mport: int | None, rounds: int, width: int) -> tuple[float, int, int]:
@@ -328,46 +331,58 @@ async def _pipelined(port: int, pid: int, mport: int | None, rounds: int, width:
         return seconds, c1 - c0, counted
 
 
-def bench_loopback(reps: int, ops: int, rounds: int, width: int) -> dict[str, Any]:
+def bench_loopback(reps: int, ops: int, rounds: int, width: int, chunks: int = 5) -> dict[str, Any]:
+    """Per repetition, ``ops`` round trips of each kind and ``rounds`` pipelined rounds per
+    configuration, alternated in ``chunks`` slices (order rotated) so that both servers see the
+    same background load."""
     from rdzv_store import TCPStore
 
+    modes = ["off", "on"]
     servers: dict[str, tuple[Any, int | None]] = {}
     clients: dict[str, Any] = {}
-    rt: dict[str, dict[str, list[float]]] = {m: {"add": [], "check": [], "compare_set": []} for m in ("off", "on")}
-    rt_cpu: dict[str, list[float]] = {"off": [], "on": []}
-    pl_rate: dict[str, list[float]] = {"off": [], "on": []}
-    pl_cpu: dict[str, list[float]] = {"off": [], "on": []}
+    rt: dict[str, dict[str, list[float]]] = {m: {"add": [], "check": [], "compare_set": []} for m in modes}
+    rt_cpu: dict[str, list[float]] = {m: [] for m in modes}
+    pl_rate: dict[str, list[float]] = {m: [] for m in modes}
+    pl_cpu: dict[str, list[float]] = {m: [] for m in modes}
     loads = []
     checked = 0
+    per_chunk, rounds_per_chunk = max(1, ops // chunks), max(1, rounds // chunks)
     try:
-        for mode in ("off", "on"):
+        for mode in modes:
             servers[mode] = start(mode == "on")
             clients[mode] = TCPStore(common.HOST, servers[mode][0].port, timeout=60)
+            clients[mode].set("cas", VALUE)
+            round_trips(clients[mode], max(50, ops // 10))  # warm-up
         for rep in range(reps):
             loads.append(loadavg())
-            for mode in rotations(["off", "on"], rep):
-                srv, mport = servers[mode]
-                store = clients[mode]
-                round_trips(store, max(50, ops // 10))  # warm-up
-                before = scraped_requests(mport) if mport else 0
-                c0 = cpu_ns(srv.pid)
-                p50 = round_trips(store, ops)
-                c1 = cpu_ns(srv.pid)
-                sent = 1 + 3 * ops  # the set of the cas key, then add, check, compare_set per op
-                for k, v in p50.items():
-                    rt[mode][k].append(v)
-                rt_cpu[mode].append((c1 - c0) / sent / 1000)
-                if mport:
-                    assert scraped_requests(mport) - before == sent, "requests_total moved by the requests sent"
-                    checked += 1
-                # pipelined
-                seconds, cpu, counted = asyncio.run(_pipelined(srv.port, srv.pid, mport, rounds, width))
-                n = rounds * width
-                pl_rate[mode].append(n / seconds)
-                pl_cpu[mode].append(cpu / n / 1000)
-                if mport:
-                    assert counted == n, f"requests_total moved by {counted}, {n} sent"
-                    checked += 1
+            lat: dict[str, dict[str, list[int]]] = {m: {"add": [], "check": [], "compare_set": []} for m in modes}
+            cpu = dict.fromkeys(modes, 0)
+            pcpu = dict.fromkeys(modes, 0)
+            psec = dict.fromkeys(modes, 0.0)
+            for k in range(chunks):
+                for mode in rotations(modes, rep + k):
+                    srv, mport = servers[mode]
+                    before = scraped_requests(mport) if mport else 0
+                    c0 = cpu_ns(srv.pid)
+                    round_trips(clients[mode], per_chunk, lat[mode])
+                    cpu[mode] += cpu_ns(srv.pid) - c0
+                    if mport:
+                        moved = scraped_requests(mport) - before
+                        assert moved == 3 * per_chunk, f"requests_total moved by {moved}, {3 * per_chunk} sent"
+                        checked += 1
+                    seconds, spent, counted = asyncio.run(_pipelined(srv.port, srv.pid, mport, rounds_per_chunk, width))
+                    psec[mode] += seconds
+                    pcpu[mode] += spent
+                    if mport:
+                        assert counted == rounds_per_chunk * width, f"requests_total moved by {counted}"
+                        checked += 1
+            for mode in modes:
+                for op, values in lat[mode].items():
+                    rt[mode][op].append(statistics.median(values) / 1000)
+                rt_cpu[mode].append(cpu[mode] / (3 * per_chunk * chunks) / 1000)
+                n = rounds_per_chunk * width * chunks
+                pl_rate[mode].append(n / psec[mode])
+                pl_cpu[mode].append(pcpu[mode] / n / 1000)
             loads.append(loadavg())
     finally:
         for store in clients.values():
@@ -380,9 +395,10 @@ def bench_loopback(reps: int, ops: int, rounds: int, width: int) -> dict[str, An
         return common.summarize([on / off for on, off in zip(values["on"], values["off"])])
 
     return {
-        "ops": ops,
-        "rounds": rounds,
+        "ops": per_chunk * chunks,
+        "rounds": rounds_per_chunk * chunks,
         "width": width,
+        "chunks": chunks,
         "round_trip_p50_us": {m: {k: common.summarize(v) for k, v in rt[m].items()} for m in rt},
         "round_trip_ratio": {k: paired({m: rt[m][k] for m in rt}) for k in ("add", "check", "compare_set")},
         "round_trip_cpu_us": {m: common.summarize(v) for m, v in rt_cpu.items()},
@@ -458,7 +474,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "## 3. Small-op round trips over loopback (`rdzv-store serve`, one TCPStore client)",
         "",
-        f"{lb['ops']} of each op per configuration and repetition, interleaved.",
+        f"{lb['ops']} of each op per configuration and repetition, interleaved, in {lb['chunks']} slices "
+        "alternated between the two servers.",
         "",
         "| figure | metrics off | metrics on | on vs off (paired, min … max) |",
         "|---|---|---|---|",
