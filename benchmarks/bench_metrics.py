@@ -512,11 +512,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_metrics", description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=7, help="repetitions (>= 5; default 7)")
     ap.add_argument("--quick", action="store_true", help="fewer requests per repetition (about 1 min)")
+    ap.add_argument("--tiny", action="store_true", help="a smoke test of the script itself: figures meaningless")
     ap.add_argument("--out", type=Path, default=OUT, help=f"report (default: {OUT.relative_to(HERE.parent)})")
     args = ap.parse_args(argv)
     if args.reps < 5:
         ap.error("--reps must be at least 5")
     count, ops, rounds = (60_000, 1000, 150) if args.quick else (200_000, 3000, 400)
+    if args.tiny:
+        count, ops, rounds = 2_000, 25, 5
     machine = common.machine_info()
     machine["prometheus_client"] = common._pkg_version("prometheus_client")
     print(f"load average {loadavg():.2f}; {args.reps} repetitions", flush=True)

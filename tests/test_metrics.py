@@ -705,3 +705,20 @@ def test_server_docstrings_say_what_they_raise(cls: type) -> None:
             head = re.match(r"[\w.]+", entry).group().rstrip(".")  # type: ignore[union-attr]
             assert head in {"Nothing", "ValueError", "TypeError", "RuntimeError", "TimeoutError",
                             "StoreConnectionError", "asyncio.CancelledError"}, (cls.__name__, name, entry)
+
+
+# -- the benchmark (a smoke test, so that it cannot rot; it asserts nothing about speed) -----
+
+
+def test_bench_metrics_runs_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "metrics.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_metrics", "--tiny", "--reps", "5", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, env=_env(), timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = out.read_text()
+    for heading in ("## 1. The update alone", "## 2. Server CPU per request, in process",
+                    "## 3. Small-op round trips", "## 4. Pipelined load"):
+        assert heading in report
+    assert "Scrapes checked: 50 " in report  # 5 repetitions x 5 slices x (round trips, pipelined)
