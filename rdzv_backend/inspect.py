@@ -351,7 +351,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "(an existing path, or file://PATH)",
     )
     parser.add_argument("--run-id", metavar="ID", help="only this rendezvous (default: every one found)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document (default: text)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text (default: off)")
     parser.add_argument(
         "--timeout", type=float, default=10.0, metavar="SECONDS", help="give up connecting or waiting for a reply (default: 10)"
     )
@@ -370,7 +370,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="heartbeats older than interval x N are overdue "
         f"(default: torch's {DEFAULT_KEEP_ALIVE_MAX_ATTEMPT})",
     )
-    parser.add_argument("--secret-file", metavar="PATH", help="the shared secret, for a server started with --secret-file")
+    parser.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="prove knowledge of the shared secret in this file, for a server started with --secret-file (default: none)",
+    )
 
 
 def _is_file_target(target: str) -> bool:
