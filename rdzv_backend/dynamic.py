@@ -295,6 +295,7 @@ def _remove_participant_epilogue(state: RendezvousState, settings: RendezvousSet
 
 # -- state holder ---------------------------------------------------------------------------
 
+_CORRUPT = "The rendezvous state is corrupt. See inner exception for details."
 _Encoder = Callable[[RendezvousState], bytes]
 _Decoder = Callable[..., RendezvousState]
 
@@ -398,7 +399,7 @@ class _BackendRendezvousStateHolder(_RendezvousStateHolder):
             return exc
         cause = exc.__cause__
         reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
-        err = RendezvousStateError(f"The rendezvous state under key '{self._key}' is corrupt: {reason}")
+        err = RendezvousStateError(f"{_CORRUPT} Key {self._key!r}: {reason}")
         err.__cause__ = cause or exc
         return err
 
@@ -409,13 +410,9 @@ class _BackendRendezvousStateHolder(_RendezvousStateHolder):
         except RendezvousStateError as exc:
             raise self._named(exc) from exc.__cause__
         except Exception as exc:  # a codec bug must not escape raw (torch's §5.4 failure)
-            raise RendezvousStateError(
-                f"The rendezvous state under key '{self._key}' is corrupt: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise RendezvousStateError(f"{_CORRUPT} Key {self._key!r}: {type(exc).__name__}: {exc}") from exc
         if not isinstance(state, RendezvousState):
-            raise RendezvousStateError(
-                f"The rendezvous state under key '{self._key}' is corrupt: decoded a {type(state).__name__}"
-            )
+            raise RendezvousStateError(f"{_CORRUPT} Key {self._key!r}: decoded a {type(state).__name__}")
         return _normalise(state)
 
     def sync(self) -> bool | None:
