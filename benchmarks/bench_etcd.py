@@ -1,0 +1,448 @@
+"""etcd v3 figures: EtcdStore latency per operation vs our TCP server and torch's TCPStore,
+the cost of fsync, the client choice (stdlib gateway vs a PyPI client), and rendezvous
+completion time for N agents over etcd-v3 vs c10d.
+
+``python -m benchmarks.bench_etcd [--quick] [--reps N] [--out DIR]`` writes
+``etcd.md`` and ``etcd.json`` into ``--out`` (default ``benchmarks/results``). Generated:
+never edit the results by hand.
+
+* etcd runs as fresh members on a data dir on the real disk (not tmpfs), so etcd's
+  default fsync is paid as in production; the same measurement is repeated with
+  ``--unsafe-no-fsync`` (hidden in 3.4's ``--help``), and on a 3-member cluster (fsync).
+* Every latency cell is the median over repetitions of each repetition's median, with the
+  spread (min-max across repetitions). Clients are sequential, one connection.
+* torch's TCPStore (libuv server) and torch's own handler are measured in child processes
+  run by ``/work/venv-torch/bin/python`` (or ``$RDZV_TORCH_PYTHON``) when present.
+* Rendezvous: N agents (threads in 4 child processes) each call ``next_rendezvous`` once
+  with ``min_nodes = max_nodes = N``; the time is from the moment all agents are released
+  to the moment the last one has its rank. It includes the handler's 0-0.3 s random
+  first-round delay (torch's too).
+
+Bounded: every process is stopped in a ``finally``, every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .common import HERE, REPO, machine_info, start_server, stop_process
+
+ETCD = os.environ.get("ETCD_BINARY") or shutil.which("etcd") or "/usr/bin/etcd"
+TORCH_PYTHON = os.environ.get("RDZV_TORCH_PYTHON", "/work/venv-torch/bin/python")
+GW_PYTHON = os.environ.get("RDZV_ETCD3GW_PYTHON", "/tmp/venv-etcd3gw/bin/python")
+OPS = ["set", "get", "add", "compare_set", "check"]
+
+
+# -- etcd processes --------------------------------------------------------------------------
+def _healthy(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
+        try:
+            conn.request("GET", "/health")
+            resp = conn.getresponse()
+            return resp.status == 200 and b"true" in resp.read()
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):  # held open together: n distinct ports
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _start_members(root: str, size: int, no_fsync: bool, attempt: int) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+    ports = _free_ports(2 * size)
+    cports, pports = ports[:size], ports[size:]
+    cluster = ",".join(f"n{i}=http://127.0.0.1:{p}" for i, p in enumerate(pports))
+    token = "bench-" + uuid.uuid4().hex[:8]
+    procs = []
+    for i in range(size):
+        args = [
+            ETCD, "--name", f"n{i}", "--data-dir", os.path.join(root, f"a{attempt}-n{i}"),
+            "--listen-client-urls", f"http://127.0.0.1:{cports[i]}", "--advertise-client-urls", f"http://127.0.0.1:{cports[i]}",
+            "--listen-peer-urls", f"http://127.0.0.1:{pports[i]}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{pports[i]}",
+            "--initial-cluster", cluster, "--initial-cluster-token", token,
+            "--logger", "zap", "--log-outputs", "stderr", "--log-level", "error",
+        ] + (["--unsafe-no-fsync"] if no_fsync else [])
+        with open(os.path.join(root, f"a{attempt}-n{i}.log"), "ab") as log:
+            procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True))
+    return procs, cports
+
+
+def _stop_members(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+
+
+@contextlib.contextmanager
+def etcd_cluster(size: int, no_fsync: bool) -> Iterator[list[str]]:
+    """``size`` fresh members on loopback, data on the real disk; yields their client URLs."""
+    root = tempfile.mkdtemp(prefix="rdzv-bench-etcd-", dir=os.environ.get("RDZV_BENCH_ETCD_DIR"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for attempt in range(3):
+            procs, cports = _start_members(root, size, no_fsync, attempt)
+            deadline = time.monotonic() + 60
+            while not all(_healthy(c) for c in cports):
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    break
+                time.sleep(0.02)
+            else:
+                break
+            _stop_members(procs)
+            logs = " | ".join(Path(root, f"a{attempt}-n{i}.log").read_text()[-300:] for i in range(size))
+            print(f"etcd start attempt {attempt + 1} failed: {logs}", file=sys.stderr)
+        else:
+            raise RuntimeError("etcd did not start in 3 attempts")
+        yield [f"http://127.0.0.1:{c}" for c in cports]
+    finally:
+        _stop_members(procs)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- latency: one child process per (store, repetition) --------------------------------------
+_LATENCY_CHILD = r"""
+import json, sys, time
+kind, target, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ops = sys.argv[4].split(",")
+if kind == "etcd":
+    from rdzv_store import EtcdStore
+    store = EtcdStore(target.split(","), prefix="/bench-%d/" % time.monotonic_ns(), timeout=60)
+elif kind in ("ours", "torch"):
+    from datetime import timedelta
+    if kind == "torch":
+        from torch.distributed import TCPStore
+    else:
+        from rdzv_store import TCPStore
+    store = TCPStore("127.0.0.1", int(target), is_master=False, timeout=timedelta(seconds=60), wait_for_workers=False)
+value = b"v" * 16
+store.set("k", value)
+fns = {
+    "set": lambda i: store.set("k%d" % (i % 100), value),
+    "get": lambda i: store.get("k"),
+    "add": lambda i: store.add("ctr", 1),
+    "compare_set": lambda i: store.compare_set("k", value, value),
+    "check": lambda i: store.check(["k"]),
+}
+out = {}
+for op in ops:
+    fn = fns[op]
+    for i in range(max(20, n // 10)):
+        fn(i)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter(); fn(i); times.append(time.perf_counter() - t0)
+    times.sort()
+    out[op] = {"median_ms": times[len(times) // 2] * 1000, "p99_ms": times[int(len(times) * 0.99)] * 1000}
+print(json.dumps(out))
+"""
+
+_RAW_CHILD = r"""
+import base64, http.client, json, sys, time
+url, n = sys.argv[1], int(sys.argv[2])
+host, port = url.replace("http://", "").split(":")
+out = {}
+if sys.argv[3] == "stdlib":
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    def post(path, body):
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        return conn.getresponse().read()
+    b = lambda s: base64.b64encode(s).decode()
+    fns = {"put": lambda i: post("/v3/kv/put", {"key": b(b"raw%d" % (i % 100)), "value": b(b"v" * 16)}),
+           "range": lambda i: post("/v3/kv/range", {"key": b(b"raw1")})}
+else:
+    import etcd3gw
+    client = etcd3gw.client(host=host, port=int(port))
+    fns = {"put": lambda i: client.put("raw%d" % (i % 100), "v" * 16), "range": lambda i: client.get("raw1")}
+for op, fn in fns.items():
+    for i in range(max(20, n // 10)):
+        fn(i)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter(); fn(i); times.append(time.perf_counter() - t0)
+    times.sort()
+    out[op] = {"median_ms": times[len(times) // 2] * 1000, "p99_ms": times[int(len(times) * 0.99)] * 1000}
+print(json.dumps(out))
+"""
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run_child(python: str, script: str, args: list[str], timeout: float) -> dict[str, Any]:
+    out = subprocess.run([python, "-c", script, *args], capture_output=True, text=True, timeout=timeout, env=_child_env())
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child failed: {out.stderr[-2000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _cell(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _latency(python: str, kind: str, target: str, n: int, reps: int) -> dict[str, Any]:
+    runs = [_run_child(python, _LATENCY_CHILD, [kind, target, str(n), ",".join(OPS)], 600) for _ in range(reps)]
+    return {op: {"median": _cell([r[op]["median_ms"] for r in runs]), "p99": _cell([r[op]["p99_ms"] for r in runs])} for op in OPS}
+
+
+def _raw(python: str, client: str, url: str, n: int, reps: int) -> dict[str, Any]:
+    runs = [_run_child(python, _RAW_CHILD, [url, str(n), client], 600) for _ in range(reps)]
+    return {op: {"median": _cell([r[op]["median_ms"] for r in runs])} for op in ("put", "range")}
+
+
+# -- rendezvous ------------------------------------------------------------------------------
+_AGENT_CHILD = r"""
+import json, sys, threading, time
+kind, endpoint, run_id, total, here = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+conf = {"read_timeout": "120", "join_timeout": "300", "last_call_timeout": "1"}
+handlers = []
+if kind.startswith("torch"):
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
+    backend = "c10d" if kind == "torch-c10d" else "etcd-v3"
+    for _ in range(here):
+        extra = {"is_host": "false"} if backend == "c10d" else {}
+        handlers.append(get_rendezvous_handler(RendezvousParameters(backend, endpoint, run_id, total, total, local_addr="127.0.0.1", **conf, **extra)))
+else:
+    from rdzv_backend import RendezvousParameters
+    from rdzv_backend.dynamic import create_handler
+    if kind == "ours-etcd":
+        from rdzv_backend.etcd import create_backend
+        extra = {}
+    else:
+        from rdzv_backend.c10d import create_backend
+        extra = {"is_host": "false"}
+    for _ in range(here):
+        params = RendezvousParameters("etcd-v3" if kind == "ours-etcd" else "c10d", endpoint, run_id, total, total, local_addr="127.0.0.1", **conf, **extra)
+        backend, store = create_backend(params)
+        handlers.append(create_handler(store, backend, params))
+print("ready", flush=True)
+sys.stdin.readline()
+done = []
+errors = []
+def run(h):
+    try:
+        h.next_rendezvous(); done.append(time.monotonic())
+    except BaseException as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=run, args=(h,)) for h in handlers]
+for t in threads: t.start()
+for t in threads: t.join(400)
+print(json.dumps({"done": done, "errors": errors}), flush=True)
+sys.stdin.readline()  # shut down only when every process has finished
+for h in handlers:
+    try: h.shutdown()
+    except BaseException: pass
+"""
+
+
+def _rendezvous_once(python: str, kind: str, endpoint: str, n: int, processes: int = 4) -> float:
+    run_id = "bench-" + uuid.uuid4().hex[:8]
+    counts = [n // processes + (1 if i < n % processes else 0) for i in range(processes)]
+    procs = [
+        subprocess.Popen([python, "-c", _AGENT_CHILD, kind, endpoint, run_id, str(n), str(c)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(), start_new_session=True)
+        for c in counts if c
+    ]
+    try:
+        for p in procs:
+            line = p.stdout.readline()  # type: ignore[union-attr]
+            if line.strip() != "ready":
+                raise RuntimeError(f"agent process failed: {p.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+        t0 = time.monotonic()
+        for p in procs:
+            p.stdin.write("go\n")  # type: ignore[union-attr]
+            p.stdin.flush()  # type: ignore[union-attr]
+        finished: list[float] = []
+        for p in procs:
+            result = json.loads(p.stdout.readline())  # type: ignore[union-attr]
+            if result["errors"]:
+                raise RuntimeError(f"rendezvous failed: {result['errors'][:3]}")
+            finished += result["done"]
+        for p in procs:
+            p.stdin.write("bye\n")  # type: ignore[union-attr]
+            p.stdin.flush()  # type: ignore[union-attr]
+        if len(finished) != n:
+            raise RuntimeError(f"{len(finished)} of {n} agents finished")
+        return max(finished) - t0
+    finally:
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                stop_process(p)
+
+
+def _rendezvous(python: str, kind: str, endpoint: str, sizes: list[int], reps: int) -> dict[str, Any]:
+    return {str(n): _cell([_rendezvous_once(python, kind, endpoint, n) for _ in range(reps)]) for n in sizes}
+
+
+# -- the run ---------------------------------------------------------------------------------
+def run(quick: bool = False, reps: int = 5, log: Any = print) -> dict[str, Any]:
+    n_ops = 300 if quick else 1000
+    sizes = [8, 32] if quick else [8, 32, 128]
+    torch_ok = os.path.exists(TORCH_PYTHON)
+    gw_ok = os.path.exists(GW_PYTHON)
+    res: dict[str, Any] = {"machine": machine_info(), "reps": reps, "ops_per_rep": n_ops, "latency": {}, "client": {}, "rendezvous": {}}
+    res["etcd_version"] = subprocess.run([ETCD, "--version"], capture_output=True, text=True, timeout=10).stdout.split("\n")[0]
+    py = sys.executable
+
+    for label, size, no_fsync in [("etcd 1 member, fsync (default)", 1, False), ("etcd 1 member, --unsafe-no-fsync", 1, True), ("etcd 3 members, fsync", 3, False)]:
+        log(f"latency: EtcdStore on {label}")
+        with etcd_cluster(size, no_fsync) as urls:
+            res["latency"][f"EtcdStore, {label}"] = _latency(py, "etcd", ",".join(urls), n_ops, reps)
+            if size == 1:
+                log(f"client choice on {label}")
+                res["client"][f"stdlib http.client, {label}"] = _raw(py, "stdlib", urls[0], n_ops, reps)
+                if gw_ok:
+                    res["client"][f"etcd3gw, {label}"] = _raw(GW_PYTHON, "etcd3gw", urls[0], n_ops, reps)
+            if size == 1 and not no_fsync:
+                log("rendezvous over etcd-v3 (ours)")
+                ep = urls[0].replace("http://", "")
+                res["rendezvous"]["our handler, etcd-v3 backend (1 member, fsync)"] = _rendezvous(py, "ours-etcd", ep, sizes, reps)
+                if torch_ok:
+                    log("rendezvous over etcd-v3 (torch's handler, our plug-in)")
+                    res["rendezvous"]["torch's handler, etcd-v3 plug-in (1 member, fsync)"] = _rendezvous(TORCH_PYTHON, "torch-etcd", ep, sizes, reps)
+
+    log("latency: our TCP server")
+    srv = start_server("ours")
+    try:
+        res["latency"]["TCPStore, our server"] = _latency(py, "ours", str(srv.port), n_ops, reps)
+        log("rendezvous over c10d on our TCP server")
+        res["rendezvous"]["our handler, c10d backend (our TCP server)"] = _rendezvous(py, "ours-c10d", f"127.0.0.1:{srv.port}", sizes, reps)
+    finally:
+        stop_process(srv.proc)
+    if torch_ok:
+        log("latency: torch's TCPStore (libuv server)")
+        proc = subprocess.Popen([TORCH_PYTHON, str(HERE / "_procs.py"), "torch-serve"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        try:
+            port = int(proc.stdout.readline().split()[1])  # type: ignore[union-attr]
+            res["latency"]["torch TCPStore, torch's libuv server"] = _latency(TORCH_PYTHON, "torch", str(port), n_ops, reps)
+            log("rendezvous: torch's handler over torch's c10d")
+            res["rendezvous"]["torch's handler, c10d backend (torch's TCP server)"] = _rendezvous(TORCH_PYTHON, "torch-c10d", f"127.0.0.1:{port}", sizes, reps)
+        finally:
+            stop_process(proc)
+    return res
+
+
+def _fmt(cell: dict[str, Any], unit: str = "") -> str:
+    return f"{cell['median']:.2f}{unit} ({cell['min']:.2f}-{cell['max']:.2f})"
+
+
+def report(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        "# etcd v3 benchmark results",
+        "",
+        "Generated by `python -m benchmarks.bench_etcd`; do not edit by hand.",
+        "",
+        f"Machine: {m.get('host_cpu', '?')}, {m.get('cpus', '?')} cores, load average at start {m.get('loadavg_start', '?')} "
+        f"(other jobs share the cores); Python {m.get('python', '?')}; {res['etcd_version']}; commit {m.get('git', '?')}. "
+        f"{res['reps']} repetitions of {res['ops_per_rep']} sequential operations per cell (after warm-up), one client, loopback; "
+        "etcd data on the real disk. Cells: median over repetitions of each repetition's median, "
+        "in ms, with the range across repetitions.",
+        "",
+        "## Latency per operation (ms)",
+        "",
+        "| store | " + " | ".join(OPS) + " |",
+        "|---|" + "---|" * len(OPS),
+    ]
+    for name, cells in res["latency"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(cells[op]["median"]) for op in OPS) + " |")
+    lines += ["", "p99 (median over repetitions, ms):", "", "| store | " + " | ".join(OPS) + " |", "|---|" + "---|" * len(OPS)]
+    for name, cells in res["latency"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{cells[op]['p99']['median']:.2f}" for op in OPS) + " |")
+    lat = res["latency"]
+    base = lat.get("TCPStore, our server")
+    fs, nfs = lat.get("EtcdStore, etcd 1 member, fsync (default)"), lat.get("EtcdStore, etcd 1 member, --unsafe-no-fsync")
+    lines += ["", "`set` on a TCPStore has no reply in the c10d protocol (the client only sends), so its "
+              "TCP figure is the cost of a send; every EtcdStore call waits for etcd's answer."]
+    if base and fs:
+        lines += ["", "Ratios (EtcdStore on 1 member with fsync / our TCP server, median; `set` left out, see above): " + ", ".join(
+            f"{op} {fs[op]['median']['median'] / base[op]['median']['median']:.0f}x" for op in OPS if op != "set") + "."]
+    if fs and nfs:
+        lines += ["", "The cost of fsync (1 member, fsync minus --unsafe-no-fsync, median ms): " + ", ".join(
+            f"{op} {fs[op]['median']['median'] - nfs[op]['median']['median']:+.2f}" for op in OPS)
+            + ". Reads (`get`, `check`) do not fsync; every write (set, add, compare_set: one transaction each) waits for one."]
+    lines += [
+        "",
+        "## Client choice: raw gateway calls (ms)",
+        "",
+        "The same member, `put` of a 16-byte value and a linearizable `range`, one connection, no store logic.",
+        "",
+        "| client | put | range |",
+        "|---|---|---|",
+    ]
+    for name, cells in res["client"].items():
+        lines.append(f"| {name} | {_fmt(cells['put']['median'])} | {_fmt(cells['range']['median'])} |")
+    lines += [
+        "",
+        "## Rendezvous completion (s)",
+        "",
+        "N agents (threads in 4 processes), `min_nodes = max_nodes = N`, from release to the last rank;"
+        " includes the handler's random 0-0.3 s first-round delay.",
+        "",
+    ]
+    sizes = sorted({int(n) for cells in res["rendezvous"].values() for n in cells})
+    lines += ["| backend | " + " | ".join(f"N={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for name, cells in res["rendezvous"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(cells[str(n)]) if str(n) in cells else "-" for n in sizes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_etcd", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer operations, N up to 32")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per cell (default 5)")
+    ap.add_argument("--out", default=str(HERE / "results"), help="output directory")
+    args = ap.parse_args(argv)
+    if not os.path.exists(ETCD):
+        print("no etcd binary: set ETCD_BINARY or install etcd-server", file=sys.stderr)
+        return 2
+    res = run(quick=args.quick, reps=args.reps, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "etcd.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / "etcd.md").write_text(report(res))
+    print(report(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
