@@ -195,7 +195,7 @@ def test_unreachable_upstream_resets_the_client():
                     assert sock.recv(1) == b""
                 except ConnectionResetError:
                     pass
-            assert proxy.wait_until(lambda s: s.upstream_failures == 1).active == 0
+            proxy.wait_until(lambda s: s.upstream_failures == 1 and s.active == 0)
 
 
 def test_asyncio_client_behind_the_proxy(store_server_thread):
