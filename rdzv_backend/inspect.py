@@ -274,7 +274,7 @@ def inspect_store(
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "no heartbeat"
-    return f"{seconds:.1f} s ago" if seconds >= 0 else f"{-seconds:.1f} s in the future (clock skew?)"
+    return f"heartbeat {seconds:.1f} s ago" if seconds >= 0 else f"heartbeat {-seconds:.1f} s in the future (clock skew?)"
 
 
 def render_text(report: dict[str, Any]) -> str:
@@ -320,7 +320,7 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append(f"  participants ({len(rdzv['participants'])})" + (":" if rdzv["participants"] else ""))
         for p in rdzv["participants"]:
             mark = "  OVERDUE" if p["overdue"] else ""
-            lines.append(f"    rank {p['rank']:<5} {p['node']:<40} heartbeat {_age(p['heartbeat_age_s'])}{mark}")
+            lines.append(f"    rank {p['rank']:<5} {p['node']:<40} {_age(p['heartbeat_age_s'])}{mark}")
         for title, name in (("wait list", "wait_list"), ("redundancy list", "redundancy_list")):
             nodes = rdzv[name]
             if nodes is None:
@@ -329,7 +329,7 @@ def render_text(report: dict[str, Any]) -> str:
             lines.append(f"  {title} ({len(nodes)})" + (":" if nodes else ""))
             for n in nodes:
                 mark = "  OVERDUE" if n["overdue"] else ""
-                lines.append(f"    {n['node']:<46} heartbeat {_age(n['heartbeat_age_s'])}{mark}")
+                lines.append(f"    {n['node']:<46} {_age(n['heartbeat_age_s'])}{mark}")
         if rdzv["overdue"]:
             lines.append(f"  overdue heartbeats (older than {limit:g} s): {', '.join(rdzv['overdue'])}")
         else:
