@@ -473,178 +473,203 @@ class _Decoder:
         stack = self.stack
         if size < 2 or data[0] != _PROTO:
             raise StateDecodeError("not a pickle: the first opcode is not PROTO" if size else "empty state", 0)
+        memo = self.memo
+        marks = self.marks
         pos = 0
-        while True:
-            if pos >= size:
-                raise StateDecodeError("truncated state: no STOP", pos)
-            at = pos
-            op = data[pos]
-            pos += 1
-            self.steps += 1
-            if op == _BINGET:
-                self._need(pos, 1, "BINGET", at)
-                self._memo_get(data[pos], at, "BINGET")
+        steps = 0
+        try:
+            while True:
+                if pos >= size:
+                    raise StateDecodeError("truncated state: no STOP", pos)
+                if len(stack) > MAX_STACK_DEPTH:  # every opcode pushes at most one item
+                    raise StateDecodeError(f"stack deeper than {MAX_STACK_DEPTH}", pos)
+                at = pos
+                op = data[pos]
                 pos += 1
-            elif op == _MEMOIZE:
-                self._memo_put(len(self.memo), at, "MEMOIZE")
-            elif op == _SHORT_BINUNICODE:
-                self._need(pos, 1, "SHORT_BINUNICODE", at)
-                n = data[pos]
-                self._push(self._string(pos + 1, n, at, "SHORT_BINUNICODE"), at)
-                pos += 1 + n
-            elif op == _BININT1:
-                self._need(pos, 1, "BININT1", at)
-                self._push(data[pos], at)
-                pos += 1
-            elif op == _BININT2:
-                self._need(pos, 2, "BININT2", at)
-                self._push(data[pos] | (data[pos + 1] << 8), at)
-                pos += 2
-            elif op == _BININT:
-                self._need(pos, 4, "BININT", at)
-                self._push(int.from_bytes(data[pos : pos + 4], "little", signed=True), at)
-                pos += 4
-            elif op == _LONG1:
-                self._need(pos, 1, "LONG1", at)
-                n = data[pos]
-                if n > MAX_LONG1_BYTES:
-                    raise StateDecodeError(f"LONG1 of {n} bytes exceeds {MAX_LONG1_BYTES}", at)
-                self._need(pos + 1, n, "LONG1", at)
-                self._push(int.from_bytes(data[pos + 1 : pos + 1 + n], "little", signed=True), at)
-                pos += 1 + n
-            elif op == _EMPTY_TUPLE:
-                self._push((), at)
-            elif op == _NEWOBJ:
-                args = self._pop(at, "NEWOBJ")
-                cls = self._pop(at, "NEWOBJ")
-                if not isinstance(cls, _Global) or cls.token not in (_G_STATE, _G_NODE):
-                    raise StateDecodeError(f"NEWOBJ of {_type_name(cls)} (only the two torch classes)", at)
-                if args != () or type(args) is not tuple:
-                    raise StateDecodeError("NEWOBJ arguments are not ()", at)
-                if cls.token == _G_NODE:
-                    self.nodes += 1
-                    if self.nodes > MAX_NODES:
-                        raise StateDecodeError(f"more than {MAX_NODES} nodes", at)
-                self._push(_Obj(cls.token, at), at)
-            elif op == _EMPTY_DICT:
-                self._push({}, at)
-            elif op == _MARK:
-                if len(self.marks) >= MAX_MARK_DEPTH:
-                    raise StateDecodeError(f"MARK nesting deeper than {MAX_MARK_DEPTH}", at)
-                self.marks.append(len(stack))
-            elif op == _SETITEMS or op == _SETITEM:
-                name = ALLOWED_OPCODES[op]
-                items = self._pop_mark(at, name) if op == _SETITEMS else self._pop_n(2, at, name)
-                if len(items) % 2:
-                    raise StateDecodeError(f"{name} with an odd number of items", at)
-                target = self._top(at, name)
-                if type(target) is not dict:
-                    raise StateDecodeError(f"{name} on a {_type_name(target)}", at)
-                for i in range(0, len(items), 2):
-                    target[self._hashable(items[i], at, "dict key", keys_ok=True)] = items[i + 1]
-            elif op == _BUILD:
-                state = self._pop(at, "BUILD")
-                self._build(self._top(at, "BUILD"), state, at)
-            elif op == _TUPLE1 or op == _TUPLE2 or op == _TUPLE3:
-                n = op - _TUPLE1 + 1
-                items = self._pop_n(n, at, ALLOWED_OPCODES[op])
-                for item in items:
-                    if type(item) is tuple:
-                        raise StateDecodeError("nested tuple (no state needs one)", at)
-                self._push(tuple(items), at)
-            elif op == _REDUCE:
-                args = self._pop(at, "REDUCE")
-                func = self._pop(at, "REDUCE")
-                self._push(self._reduce(func, args, at), at)
-            elif op == _STACK_GLOBAL:
-                name_ = self._pop(at, "STACK_GLOBAL")
-                module = self._pop(at, "STACK_GLOBAL")
-                self._push(self._resolve_global(module, name_, at), at)
-            elif op == _SHORT_BINBYTES:
-                self._need(pos, 1, "SHORT_BINBYTES", at)
-                n = data[pos]
-                self._need(pos + 1, n, "SHORT_BINBYTES", at)
-                self._push(bytes(data[pos + 1 : pos + 1 + n]), at)
-                pos += 1 + n
-            elif op == _NEWTRUE:
-                self._push(True, at)
-            elif op == _NEWFALSE:
-                self._push(False, at)
-            elif op == _NONE:
-                self._push(None, at)
-            elif op == _EMPTY_SET:
-                self._push(set(), at)
-            elif op == _ADDITEMS:
-                items = self._pop_mark(at, "ADDITEMS")
-                target = self._top(at, "ADDITEMS")
-                if type(target) is not set:
-                    raise StateDecodeError(f"ADDITEMS on a {_type_name(target)}", at)
-                for item in items:
-                    target.add(self._hashable(item, at, "set member", keys_ok=False))
-            elif op == _EMPTY_LIST:
-                self._push([], at)
-            elif op == _APPEND or op == _APPENDS:
-                name = ALLOWED_OPCODES[op]
-                items = self._pop_mark(at, name) if op == _APPENDS else [self._pop(at, name)]
-                target = self._top(at, name)
-                if type(target) is not list:
-                    raise StateDecodeError(f"{name} on a {_type_name(target)}", at)
-                target.extend(items)
-            elif op == _LONG_BINGET:
-                self._need(pos, 4, "LONG_BINGET", at)
-                self._memo_get(int.from_bytes(data[pos : pos + 4], "little"), at, "LONG_BINGET")
-                pos += 4
-            elif op == _BINPUT:
-                self._need(pos, 1, "BINPUT", at)
-                self._memo_put(data[pos], at, "BINPUT")
-                pos += 1
-            elif op == _LONG_BINPUT:
-                self._need(pos, 4, "LONG_BINPUT", at)
-                self._memo_put(int.from_bytes(data[pos : pos + 4], "little"), at, "LONG_BINPUT")
-                pos += 4
-            elif op == _BINUNICODE:
-                self._need(pos, 4, "BINUNICODE", at)
-                n = int.from_bytes(data[pos : pos + 4], "little")
-                self._push(self._string(pos + 4, n, at, "BINUNICODE"), at)
-                pos += 4 + n
-            elif op == _GLOBAL:
-                end1 = data.find(b"\n", pos, pos + MAX_GLOBAL_LINE)
-                end2 = data.find(b"\n", end1 + 1, end1 + 1 + MAX_GLOBAL_LINE) if end1 >= 0 else -1
-                if end2 < 0:
-                    if size - pos < 2 * MAX_GLOBAL_LINE and data.count(b"\n", pos) < 2:
-                        raise StateDecodeError("truncated state: GLOBAL without two lines", at)
-                    raise StateDecodeError(f"GLOBAL names longer than {MAX_GLOBAL_LINE} bytes", at)
-                module = self._string(pos, end1 - pos, at, "GLOBAL module")
-                name_ = self._string(end1 + 1, end2 - end1 - 1, at, "GLOBAL name")
-                self._push(self._resolve_global(module, name_, at), at)
-                pos = end2 + 1
-            elif op == _FRAME:
-                self._need(pos, 8, "FRAME", at)
-                frame = int.from_bytes(data[pos : pos + 8], "little")
-                pos += 8
-                if frame > size - pos:
-                    raise StateDecodeError(f"truncated state: FRAME of {frame} bytes, {size - pos} left", at)
-            elif op == _PROTO:
-                if at != 0:
-                    raise StateDecodeError("PROTO after the start", at)
-                self._need(pos, 1, "PROTO", at)
-                self.proto = data[pos]
-                if not 2 <= self.proto <= 5:
-                    raise StateDecodeError(f"pickle protocol {self.proto} (only 2-5 are read)", at)
-                pos += 1
-            elif op == _STOP:
-                if self.marks:
-                    raise StateDecodeError("STOP with an open MARK", at)
-                if len(stack) != 1:
-                    raise StateDecodeError(f"STOP with {len(stack)} objects on the stack (want 1)", at)
-                if pos != size:
-                    raise StateDecodeError(f"{size - pos} bytes after STOP", at)
-                return stack.pop()
-            else:
-                refused_name = _REFUSED_OPCODE_NAMES.get(op)
-                shown = f"{refused_name} (0x{op:02x})" if refused_name else f"0x{op:02x}"
-                raise StateDecodeError(f"opcode {shown} is not allowed", at)
-
+                steps += 1
+                if op == _BINGET:
+                    try:
+                        stack.append(memo[data[pos]])
+                    except (KeyError, IndexError):
+                        self._need(pos, 1, "BINGET", at)
+                        self._memo_get(data[pos], at, "BINGET")
+                    pos += 1
+                elif op == _MEMOIZE:
+                    if len(stack) > (marks[-1] if marks else 0) and len(memo) < MAX_MEMO_ENTRIES:
+                        memo[len(memo)] = stack[-1]
+                    else:
+                        self._memo_put(len(memo), at, "MEMOIZE")
+                elif op == _SHORT_BINUNICODE:
+                    if pos + 1 > size:
+                        self._need(pos, 1, "SHORT_BINUNICODE", at)
+                    n = data[pos]
+                    stack.append(self._string(pos + 1, n, at, "SHORT_BINUNICODE"))
+                    pos += 1 + n
+                elif op == _BININT1:
+                    if pos + 1 > size:
+                        self._need(pos, 1, "BININT1", at)
+                    stack.append(data[pos])
+                    pos += 1
+                elif op == _BININT2:
+                    if pos + 2 > size:
+                        self._need(pos, 2, "BININT2", at)
+                    stack.append(data[pos] | (data[pos + 1] << 8))
+                    pos += 2
+                elif op == _BININT:
+                    if pos + 4 > size:
+                        self._need(pos, 4, "BININT", at)
+                    stack.append(int.from_bytes(data[pos : pos + 4], "little", signed=True))
+                    pos += 4
+                elif op == _LONG1:
+                    if pos + 1 > size:
+                        self._need(pos, 1, "LONG1", at)
+                    n = data[pos]
+                    if n > MAX_LONG1_BYTES:
+                        raise StateDecodeError(f"LONG1 of {n} bytes exceeds {MAX_LONG1_BYTES}", at)
+                    self._need(pos + 1, n, "LONG1", at)
+                    stack.append(int.from_bytes(data[pos + 1 : pos + 1 + n], "little", signed=True))
+                    pos += 1 + n
+                elif op == _EMPTY_TUPLE:
+                    stack.append(())
+                elif op == _NEWOBJ:
+                    args = self._pop(at, "NEWOBJ")
+                    cls = self._pop(at, "NEWOBJ")
+                    if not isinstance(cls, _Global) or cls.token not in (_G_STATE, _G_NODE):
+                        raise StateDecodeError(f"NEWOBJ of {_type_name(cls)} (only the two torch classes)", at)
+                    if args != () or type(args) is not tuple:
+                        raise StateDecodeError("NEWOBJ arguments are not ()", at)
+                    if cls.token == _G_NODE:
+                        self.nodes += 1
+                        if self.nodes > MAX_NODES:
+                            raise StateDecodeError(f"more than {MAX_NODES} nodes", at)
+                    stack.append(_Obj(cls.token, at))
+                elif op == _EMPTY_DICT:
+                    stack.append({})
+                elif op == _MARK:
+                    if len(self.marks) >= MAX_MARK_DEPTH:
+                        raise StateDecodeError(f"MARK nesting deeper than {MAX_MARK_DEPTH}", at)
+                    self.marks.append(len(stack))
+                elif op == _SETITEMS or op == _SETITEM:
+                    name = ALLOWED_OPCODES[op]
+                    items = self._pop_mark(at, name) if op == _SETITEMS else self._pop_n(2, at, name)
+                    if len(items) % 2:
+                        raise StateDecodeError(f"{name} with an odd number of items", at)
+                    target = self._top(at, name)
+                    if type(target) is not dict:
+                        raise StateDecodeError(f"{name} on a {_type_name(target)}", at)
+                    for i in range(0, len(items), 2):
+                        target[self._hashable(items[i], at, "dict key", keys_ok=True)] = items[i + 1]
+                elif op == _BUILD:
+                    state = self._pop(at, "BUILD")
+                    self._build(self._top(at, "BUILD"), state, at)
+                elif op == _TUPLE1 or op == _TUPLE2 or op == _TUPLE3:
+                    n = op - _TUPLE1 + 1
+                    items = self._pop_n(n, at, ALLOWED_OPCODES[op])
+                    for item in items:
+                        if type(item) is tuple:
+                            raise StateDecodeError("nested tuple (no state needs one)", at)
+                    stack.append(tuple(items))
+                elif op == _REDUCE:
+                    args = self._pop(at, "REDUCE")
+                    func = self._pop(at, "REDUCE")
+                    stack.append(self._reduce(func, args, at))
+                elif op == _STACK_GLOBAL:
+                    name_ = self._pop(at, "STACK_GLOBAL")
+                    module = self._pop(at, "STACK_GLOBAL")
+                    stack.append(self._resolve_global(module, name_, at))
+                elif op == _SHORT_BINBYTES:
+                    if pos + 1 > size:
+                        self._need(pos, 1, "SHORT_BINBYTES", at)
+                    n = data[pos]
+                    self._need(pos + 1, n, "SHORT_BINBYTES", at)
+                    stack.append(bytes(data[pos + 1 : pos + 1 + n]))
+                    pos += 1 + n
+                elif op == _NEWTRUE:
+                    stack.append(True)
+                elif op == _NEWFALSE:
+                    stack.append(False)
+                elif op == _NONE:
+                    stack.append(None)
+                elif op == _EMPTY_SET:
+                    stack.append(set())
+                elif op == _ADDITEMS:
+                    items = self._pop_mark(at, "ADDITEMS")
+                    target = self._top(at, "ADDITEMS")
+                    if type(target) is not set:
+                        raise StateDecodeError(f"ADDITEMS on a {_type_name(target)}", at)
+                    for item in items:
+                        target.add(self._hashable(item, at, "set member", keys_ok=False))
+                elif op == _EMPTY_LIST:
+                    stack.append([])
+                elif op == _APPEND or op == _APPENDS:
+                    name = ALLOWED_OPCODES[op]
+                    items = self._pop_mark(at, name) if op == _APPENDS else [self._pop(at, name)]
+                    target = self._top(at, name)
+                    if type(target) is not list:
+                        raise StateDecodeError(f"{name} on a {_type_name(target)}", at)
+                    target.extend(items)
+                elif op == _LONG_BINGET:
+                    if pos + 4 > size:
+                        self._need(pos, 4, "LONG_BINGET", at)
+                    self._memo_get(int.from_bytes(data[pos : pos + 4], "little"), at, "LONG_BINGET")
+                    pos += 4
+                elif op == _BINPUT:
+                    if pos + 1 > size:
+                        self._need(pos, 1, "BINPUT", at)
+                    self._memo_put(data[pos], at, "BINPUT")
+                    pos += 1
+                elif op == _LONG_BINPUT:
+                    if pos + 4 > size:
+                        self._need(pos, 4, "LONG_BINPUT", at)
+                    self._memo_put(int.from_bytes(data[pos : pos + 4], "little"), at, "LONG_BINPUT")
+                    pos += 4
+                elif op == _BINUNICODE:
+                    if pos + 4 > size:
+                        self._need(pos, 4, "BINUNICODE", at)
+                    n = int.from_bytes(data[pos : pos + 4], "little")
+                    stack.append(self._string(pos + 4, n, at, "BINUNICODE"))
+                    pos += 4 + n
+                elif op == _GLOBAL:
+                    end1 = data.find(b"\n", pos, pos + MAX_GLOBAL_LINE)
+                    end2 = data.find(b"\n", end1 + 1, end1 + 1 + MAX_GLOBAL_LINE) if end1 >= 0 else -1
+                    if end2 < 0:
+                        if size - pos < 2 * MAX_GLOBAL_LINE and data.count(b"\n", pos) < 2:
+                            raise StateDecodeError("truncated state: GLOBAL without two lines", at)
+                        raise StateDecodeError(f"GLOBAL names longer than {MAX_GLOBAL_LINE} bytes", at)
+                    module = self._string(pos, end1 - pos, at, "GLOBAL module")
+                    name_ = self._string(end1 + 1, end2 - end1 - 1, at, "GLOBAL name")
+                    stack.append(self._resolve_global(module, name_, at))
+                    pos = end2 + 1
+                elif op == _FRAME:
+                    if pos + 8 > size:
+                        self._need(pos, 8, "FRAME", at)
+                    frame = int.from_bytes(data[pos : pos + 8], "little")
+                    pos += 8
+                    if frame > size - pos:
+                        raise StateDecodeError(f"truncated state: FRAME of {frame} bytes, {size - pos} left", at)
+                elif op == _PROTO:
+                    if at != 0:
+                        raise StateDecodeError("PROTO after the start", at)
+                    if pos + 1 > size:
+                        self._need(pos, 1, "PROTO", at)
+                    self.proto = data[pos]
+                    if not 2 <= self.proto <= 5:
+                        raise StateDecodeError(f"pickle protocol {self.proto} (only 2-5 are read)", at)
+                    pos += 1
+                elif op == _STOP:
+                    if self.marks:
+                        raise StateDecodeError("STOP with an open MARK", at)
+                    if len(stack) != 1:
+                        raise StateDecodeError(f"STOP with {len(stack)} objects on the stack (want 1)", at)
+                    if pos != size:
+                        raise StateDecodeError(f"{size - pos} bytes after STOP", at)
+                    return stack.pop()
+                else:
+                    refused_name = _REFUSED_OPCODE_NAMES.get(op)
+                    shown = f"{refused_name} (0x{op:02x})" if refused_name else f"0x{op:02x}"
+                    raise StateDecodeError(f"opcode {shown} is not allowed", at)
+        finally:
+            self.steps = steps
 
 def _names(state: Mapping[Any, Any]) -> str:
     shown = sorted(str(k)[:40] for k in list(state)[:12])
