@@ -212,7 +212,6 @@ def test_random_states_round_trip(state: RendezvousState, protocol: int) -> None
     assert state_to_json(back) == state_to_json(state)  # offsets and naivety kept
     assert [t.utcoffset() for t in back.last_heartbeats.values()] == [t.utcoffset() for t in state.last_heartbeats.values()]
     assert list(back.participants) == list(state.participants)  # dict order kept
-    assert encode_state(back, protocol) == data or protocol  # sharing may differ; bytes decode the same
     assert decode_state(encode_state(back, protocol)) == state
     if protocol >= 4:
         assert frames(data)
@@ -511,7 +510,6 @@ def test_oversize_input_is_refused_before_reading() -> None:
     data = b"\x80\x04" + b"N" * MAX_STATE_BYTES
     err = refused(data)
     assert "exceeds the limit" in str(err) and err.__cause__.offset == 0  # type: ignore[union-attr]
-    assert state_codec._Decoder  # the limit can be lowered per call
     assert "exceeds the limit of 10 bytes" in str(refused_with(encode_state(RendezvousState()), max_bytes=10))
 
 
