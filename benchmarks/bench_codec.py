@@ -26,6 +26,7 @@ import cProfile
 import hashlib
 import io
 import json
+import os
 import platform
 import pstats
 import statistics
@@ -74,6 +75,13 @@ for _ in range(req["reps"]):
 print(json.dumps({"loads": loads, "dumps": dumps, "dumps_len": len(out),
                   "dumps_sha": hashlib.sha256(out).hexdigest(), "python": sys.version.split()[0]}))
 '''
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def make_state(n: int) -> RendezvousState:
@@ -147,7 +155,9 @@ def run(reps: int) -> str:
         f"Machine: {platform.machine()}, Python {platform.python_version()}, "
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}. States: reference §6.1 FQDN shape "
         "(completed round, every node a participant with rank and aware heartbeat, empty sets), "
-        f"protocol 4. Times in ms: median (min-max) of {reps} repetitions of one call, after one warm-up.",
+        f"protocol 4. Times in ms: median (min-max) of {reps} repetitions of one call, after one warm-up. "
+        f"Load average at start: {_loadavg()} on {os.cpu_count()} CPUs (a busy shared machine widens the spread; "
+        "the minimum is the least disturbed figure).",
         "",
         "| nodes | pickle bytes | base64 bytes | ours decode | C loads | decode ratio | ours encode | C dumps | encode ratio | same bytes as C dumps |",
         "|---|---|---|---|---|---|---|---|---|---|",
