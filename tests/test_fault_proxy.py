@@ -242,3 +242,27 @@ def test_bad_arguments():
             proxy.stall("sideways")  # type: ignore[arg-type]
         with pytest.raises(ValueError):
             proxy.cut("bang")  # type: ignore[arg-type]
+
+
+def test_asyncio_test_hosting_the_server_on_its_own_loop():
+    """Control calls block the caller only while the proxy's thread applies them, so a test whose
+    own loop runs the server can call them without deadlocking."""
+    from rdzv_store import StoreServer
+
+    async def main() -> None:
+        server = StoreServer("127.0.0.1", 0)
+        await server.start()
+        try:
+            async with FaultProxy("127.0.0.1", server.port) as proxy:
+                async with AsyncTCPStore("127.0.0.1", proxy.port, timeout=2) as store:
+                    await store.set("k", "v")
+                    proxy.set_latency(0.01)
+                    assert await store.get("k") == b"v"
+                    assert proxy.cut("fin") >= 1
+                    with pytest.raises(StoreConnectionError):
+                        await store.add("n", 1)
+                    assert proxy.stats().active == 0
+        finally:
+            await server.close()
+
+    asyncio.run(main())
