@@ -11,7 +11,12 @@ import pytest
 
 pytest.importorskip("torch")
 
-from netns_scenarios import cut_mid_wait, hosts, slow_client_does_not_slow_others, topology  # noqa: E402
+from netns_scenarios import (
+    cut_mid_wait,
+    hosts,
+    slow_client_does_not_slow_others,
+    topology,
+)
 
 pytestmark = pytest.mark.interop
 __all__ = ["hosts", "topology"]  # fixtures

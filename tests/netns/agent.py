@@ -83,7 +83,7 @@ def encode_result(value: Any) -> Any:
 
 def stats_ms(samples: list[float]) -> dict[str, float]:
     samples = sorted(samples)
-    pick = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))] * 1000  # noqa: E731
+    pick = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))] * 1000
     return {"n": len(samples), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": samples[-1] * 1000}
 
 

@@ -49,14 +49,14 @@ def _others(row: dict[str, Any], latencies: list[int]) -> str:
 def render(data: dict[str, Any]) -> str:
     setup = data["setup"]
     idle, interval, count = setup["keepalive_s"]
-    lines = [
+    header = (
         f"| client on the cut host | blocked `wait` (timeout {setup['wait_timeout_s']:g} s), link cut "
         f"| blocked `get` (store timeout {setup['store_timeout_s']:g} s), link cut "
         f"| our server drops the dead peer's waiters (keepalive {idle}+{interval}×{count} s) "
         "| server fds, RSS growth | link restored "
-        "| another host's `add` p50 / p99 (ms) while this client is delayed |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        "| another host's `add` p50 / p99 (ms) while this client is delayed |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|"]
     clients = data["clients"]
     for label in [*[l for l in ORDER if l in clients], *sorted(set(clients) - set(ORDER))]:
         row = clients[label]

@@ -180,7 +180,7 @@ def cut_mid_wait(hosts: tuple[Topology, NetnsServer, Agent, Agent], kinds: list[
 
 def slow_client_does_not_slow_others(hosts: tuple[Topology, NetnsServer, Agent, Agent], kind: str) -> None:
     """c1's clients go through a FaultProxy adding 0-200 ms each way; c2's round trips are timed."""
-    topo, server, c1, c2 = hosts
+    _, server, c1, c2 = hosts
     c2.call("open", name="probe", kind=kind, host=server.host, port=server.port, timeout=10)
     c2.call("bench", name="probe", n=100)  # warm up
     baseline = c2.call("bench", name="probe", n=300, within=60)

@@ -12,7 +12,12 @@ import subprocess
 import sys
 
 from netns_helpers import PREFIX, sweep_stale
-from netns_scenarios import cut_mid_wait, hosts, slow_client_does_not_slow_others, topology
+from netns_scenarios import (
+    cut_mid_wait,
+    hosts,
+    slow_client_does_not_slow_others,
+    topology,
+)
 
 __all__ = ["hosts", "topology"]  # fixtures
 
