@@ -1215,7 +1215,9 @@ def state_from_json(obj: Mapping[str, Any]) -> RendezvousState:
     """The inverse of :func:`state_to_json` (also reads the samples file's ``decoded`` fields).
 
     ``redundancy_list`` may be missing or ``None`` (an older state). Datetimes keep their offset
-    (aware) or lack of one (naive); a zero offset becomes ``timezone.utc``.
+    (aware) or lack of one (naive); a zero offset becomes ``timezone.utc``. Offsets with a
+    sub-second part do not survive the ISO text on every Python (3.11's ``fromisoformat`` drops
+    it); whole-minute offsets, which every real zone has, round-trip exactly.
 
     Raises:
         ValueError: A key is missing or unknown, or a value has the wrong type or range (the
