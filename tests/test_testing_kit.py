@@ -37,6 +37,7 @@ from rdzv_store.testing import (
     plugin,
     running_server,
 )
+from rdzv_store.testing.model import OPERATION_NAMES
 from rdzv_store.testing.strategies import (
     keys,
     operation,
@@ -256,3 +257,20 @@ def test_readme_testing_example_runs(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     tests = len(re.findall(r"^def test_", readme_example(), re.MULTILINE))
     assert f"{tests} passed" in result.stdout, result.stdout
+
+
+def test_the_model_holds_for_file_store_without_queues(tmp_path):
+    """FileStore has no queues (as torch's) and its num_keys counts its own bookkeeping keys,
+    so the kit is told both: the operation names, and counts_all_keys=False."""
+    names = [n for n in OPERATION_NAMES if not n.startswith("queue_")]
+    counter = iter(range(10**6))
+
+    def open_store() -> FileStore:
+        store = FileStore(str(tmp_path / f"model-{next(counter)}.store"))
+        store.set_timeout(0)
+        return store
+
+    run_state_machine_as_test(
+        store_state_machine(open_store, counts_all_keys=False, names=names),
+        settings=settings(max_examples=10, stateful_step_count=20, deadline=None, database=None),
+    )
