@@ -101,6 +101,10 @@ MAX_GLOBAL_LINE = 128
 #: Each member copied costs one unit; the total may not exceed this many units per input byte.
 MAX_WORK_PER_BYTE = 4
 
+#: Most str keys in one dict: only attribute dicts have str keys (8 in torch's state, 3 in a
+#: node), so a dict stuffed with strings (a hash-collision flood, should the hash seed be known) stops here.
+_MAX_STR_KEYS = 8
+
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 
@@ -558,7 +562,11 @@ class _Decoder:
                     if type(target) is not dict:
                         raise StateDecodeError(f"{name} on a {_type_name(target)}", at)
                     for i in range(0, len(items), 2):
-                        target[self._hashable(items[i], at, "dict key", keys_ok=True)] = items[i + 1]
+                        key = self._hashable(items[i], at, "dict key", keys_ok=True)
+                        if type(key) is str and len(target) >= _MAX_STR_KEYS and key not in target:
+                            # only attribute dicts have str keys (8 at most): no flood of str keys
+                            raise StateDecodeError(f"a dict with more than {_MAX_STR_KEYS} str keys", at)
+                        target[key] = items[i + 1]
                 elif op == _BUILD:
                     state = self._pop(at, "BUILD")
                     self._build(self._top(at, "BUILD"), state, at)

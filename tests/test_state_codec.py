@@ -660,3 +660,12 @@ def test_module_is_exported_from_the_package() -> None:
 
     assert rdzv_backend.decode_state is decode_state and rdzv_backend.encode_state is encode_state
     assert rdzv_backend.state_to_json is state_to_json and rdzv_backend.NodeDesc is NodeDesc
+
+
+def test_a_dict_cannot_be_stuffed_with_str_keys() -> None:
+    """Only attribute dicts have str keys: a flood of them (hash collisions under a known seed) stops at 8."""
+    keys = b"".join(b"\x8c\x04" + f"{i:04x}".encode() + b"N" for i in range(5000))
+    err = refused(b"\x80\x04}(" + keys + b"u.")
+    assert "more than 8 str keys" in str(err) and err.__cause__.offset == 4 + 5000 * 7  # type: ignore[union-attr]
+    eight = b"".join(b"\x8c\x01" + bytes([65 + i]) + b"N" for i in range(8))
+    assert "not a _RendezvousState" in str(refused(b"\x80\x04}(" + eight + b"u."))  # 8 are fine
