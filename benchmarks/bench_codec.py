@@ -146,7 +146,7 @@ def fmt(s: dict[str, float]) -> str:
     return f"{s['median_ms']:.2f} ({s['min_ms']:.2f}-{s['max_ms']:.2f})"
 
 
-def run(reps: int) -> str:
+def run(reps: int, sizes: tuple[int, ...] = SIZES) -> str:
     lines = [
         "# Rendezvous state codec vs C pickle",
         "",
@@ -163,7 +163,7 @@ def run(reps: int) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     profiles = {}
-    for n in SIZES:
+    for n in sizes:
         state = make_state(n)
         data = encode_state(state)
         assert decode_state(data) == state
@@ -177,7 +177,7 @@ def run(reps: int) -> str:
             f"{dec['median_ms'] / loads['median_ms']:.0f}x | {fmt(enc)} | {fmt(dumps)} | "
             f"{enc['median_ms'] / dumps['median_ms']:.0f}x | {'yes' if same else 'no'} |"
         )
-        if n == SIZES[-1]:
+        if n == sizes[-1]:
             profiles["decode"] = profile(lambda: decode_state(data))
             profiles["encode"] = profile(lambda: encode_state(state))
     lines += [
@@ -186,7 +186,7 @@ def run(reps: int) -> str:
         "what matters for a rendezvous is the absolute time (one decode per sync, one encode per write; "
         "torch agents sync about once a second).",
         "",
-        f"## Where our time goes ({SIZES[-1]} nodes, cProfile, top functions by own time)",
+        f"## Where our time goes ({sizes[-1]} nodes, cProfile, top functions by own time)",
         "",
         "cProfile adds overhead per call, so shares are indicative; the interpreter loop's opcode dispatch "
         "is the `run` line, and the rest is per-object work (stack pushes, dict inserts, node and datetime construction).",
@@ -202,10 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_codec", description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=9, help="repetitions per figure, at least 5 (default: 9)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "codec.md", help="where the table goes (default: benchmarks/results/codec.md)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), metavar="N", help="node counts (default: 1024 4096)")
     args = parser.parse_args(argv)
     if args.reps < 5:
         parser.error("--reps must be at least 5")
-    text = run(args.reps)
+    text = run(args.reps, tuple(args.sizes))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text, end="")

@@ -669,3 +669,17 @@ def test_a_dict_cannot_be_stuffed_with_str_keys() -> None:
     assert "more than 8 str keys" in str(err) and err.__cause__.offset == 4 + 5000 * 7  # type: ignore[union-attr]
     eight = b"".join(b"\x8c\x01" + bytes([65 + i]) + b"N" for i in range(8))
     assert "not a _RendezvousState" in str(refused(b"\x80\x04}(" + eight + b"u."))  # 8 are fine
+
+
+def test_codec_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/bench_codec.py end to end on a tiny state (asserts nothing about speed)."""
+    import subprocess
+
+    out = tmp_path / "codec.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_codec", "--reps", "5", "--sizes", "16", "--out", str(out)],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "| 16 |" in text and "| yes |" in text and "**decode**" in text
