@@ -110,14 +110,14 @@ class _AsyncConnection(asyncio.Protocol):
     def __init__(self, address: str) -> None:
         self.address = address
         self._decoder = p.StreamDecoder()
-        # (future, parser, op, wire keys): op and keys name the request in error messages.
-        self._pending: collections.deque[tuple[asyncio.Future[Any], p.ReplyParser, str, Sequence[bytes]]] = (
+        # (future, parser, op, user keys): op and keys name the request in error messages.
+        self._pending: collections.deque[tuple[asyncio.Future[Any], p.ReplyParser, str, cmd.Keys]] = (
             collections.deque()
         )
         self._transport: asyncio.Transport | None = None
         self._lost: Exception | None = None
         self.unacked_writes = False
-        self._unanswered: tuple[str, Sequence[bytes]] | None = None  # the last request without a reply
+        self._unanswered: tuple[str, cmd.Keys] | None = None  # the last request without a reply
 
     @classmethod
     async def open(
@@ -230,10 +230,10 @@ class _AsyncConnection(asyncio.Protocol):
         self._transport.write(data)
 
     def request(
-        self, data: bytes, parser: p.ReplyParser | None, op: str = "", keys: Sequence[bytes] = ()
+        self, data: bytes, parser: p.ReplyParser | None, op: str = "", keys: cmd.Keys = None
     ) -> asyncio.Future[Any]:
         """Send; the returned future resolves with the parsed reply (``None`` if there is none).
-        ``op`` and ``keys`` (wire keys) name the request in error messages."""
+        ``op`` and ``keys`` (the user's keys) name the request in error messages."""
         self.write(data)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if parser is None:
@@ -249,7 +249,7 @@ class _AsyncConnection(asyncio.Protocol):
         parser: p.ReplyParser,
         future: asyncio.Future[Any] | None = None,
         op: str = "",
-        keys: Sequence[bytes] = (),
+        keys: cmd.Keys = None,
     ) -> asyncio.Future[Any]:
         """Queue a reply to read without sending anything (the second byte of a cancel race)."""
         future = future or asyncio.get_running_loop().create_future()
@@ -436,7 +436,7 @@ class AsyncTCPStore:
                 f"no reply from the store at {conn.address} within {format_ms(self._reply_timeout())}"
             ) from None
 
-    async def _call(self, command: cmd.Command, op: str, keys: Sequence[bytes] = ()) -> Any:
+    async def _call(self, command: cmd.Command, op: str, keys: cmd.Keys = None) -> Any:
         conn = await self._connected()
         return await self._await_reply(conn, conn.request(*command, op, keys))
 
@@ -453,8 +453,11 @@ class AsyncTCPStore:
             conn.close()
         return await self._open()
 
-    async def _blocking(self, command: cmd.Command, timeout: float, keys: Sequence[bytes], what: str) -> None:
-        """Run WAIT or BARRIER on a pooled connection; on timeout, cancel as torch does."""
+    async def _blocking(
+        self, command: cmd.Command, timeout: float, keys: Sequence[bytes], what: str, names: cmd.Keys
+    ) -> None:
+        """Run WAIT or BARRIER on a pooled connection; on timeout, cancel as torch does.
+        ``keys``: for the timeout message; ``names``: the user's keys, for connection errors."""
         primary = await self._connected()
         if primary.unacked_writes:  # make our own earlier writes visible first (see module doc)
             await self._await_reply(primary, primary.request(*cmd.ping(0), "ping"))
@@ -462,7 +465,7 @@ class AsyncTCPStore:
         self._busy.add(conn)
         reusable = False
         try:
-            future = conn.request(*command, what, keys)
+            future = conn.request(*command, what, names)
             try:
                 await _wait_for(future, max(timeout, 0.0))  # the future is left alone on timeout
                 reusable = True
@@ -507,7 +510,7 @@ class AsyncTCPStore:
             StoreConnectionError: the server cannot be reached or closed the connection.
         """
         raw = key_bytes(key)
-        await self._call(cmd.set_(raw, value_bytes(value)), "set", (cmd.PREFIX + raw,))
+        await self._call(cmd.set_(raw, value_bytes(value)), "set", raw)
 
     async def get(self, key: Key) -> bytes:
         """Wait up to the store timeout for ``key``, then return its value.
@@ -530,17 +533,16 @@ class AsyncTCPStore:
         raw = key_list(keys)
         conn = await self._connected()  # settles _pipelined_get (the primary's probe)
         if self._pipelined_get:
-            wire = [cmd.PREFIX + k for k in raw]
             data, (check_parser, get_parser) = cmd.check_then_multi_get(raw)
             conn.write(data)
             ready, values = await asyncio.gather(
-                self._await_reply(conn, conn.expect(check_parser, None, "get", wire)),
-                self._await_reply(conn, conn.expect(get_parser, None, "get", wire)),
+                self._await_reply(conn, conn.expect(check_parser, None, "get", raw)),
+                self._await_reply(conn, conn.expect(get_parser, None, "get", raw)),
             )
             if ready:
                 return values  # type: ignore[no-any-return]
         await self.wait(raw)
-        return await self._call(cmd.multi_get(raw), "get", [cmd.PREFIX + k for k in raw])  # type: ignore[no-any-return]
+        return await self._call(cmd.multi_get(raw), "get", raw)  # type: ignore[no-any-return]
 
     async def add(self, key: Key, amount: int) -> int:
         """Add ``amount`` to the integer at ``key`` (missing counts as 0); return the sum.
@@ -552,7 +554,7 @@ class AsyncTCPStore:
             TypeError: ``amount`` is not an int or does not fit in 64 bits.
         """
         raw = key_bytes(key)
-        return await self._call(cmd.add(raw, check_int64(amount)), "add", (cmd.PREFIX + raw,))  # type: ignore[no-any-return]
+        return await self._call(cmd.add(raw, check_int64(amount)), "add", raw)  # type: ignore[no-any-return]
 
     async def compare_set(self, key: Key, expected: Value, desired: Value) -> bytes:
         """Store ``desired`` if the value equals ``expected``; return the value now stored
@@ -564,7 +566,7 @@ class AsyncTCPStore:
         """
         raw = key_bytes(key)
         command = cmd.compare_set(raw, value_bytes(expected), value_bytes(desired))
-        return await self._call(command, "compare_set", (cmd.PREFIX + raw,))  # type: ignore[no-any-return]
+        return await self._call(command, "compare_set", raw)  # type: ignore[no-any-return]
 
     async def delete_key(self, key: Key) -> bool:
         """Delete ``key``; return whether it existed.
@@ -574,7 +576,7 @@ class AsyncTCPStore:
             StoreConnectionError: the server cannot be reached or closed the connection.
         """
         raw = key_bytes(key)
-        return await self._call(cmd.delete_key(raw), "delete_key", (cmd.PREFIX + raw,))  # type: ignore[no-any-return]
+        return await self._call(cmd.delete_key(raw), "delete_key", raw)  # type: ignore[no-any-return]
 
     async def check(self, keys: Iterable[Key]) -> bool:
         """Return whether every key exists, without waiting.
@@ -584,7 +586,7 @@ class AsyncTCPStore:
             StoreConnectionError: the server cannot be reached or closed the connection.
         """
         raw = key_list(keys)
-        return await self._call(cmd.check(raw), "check", [cmd.PREFIX + k for k in raw])  # type: ignore[no-any-return]
+        return await self._call(cmd.check(raw), "check", raw)  # type: ignore[no-any-return]
 
     async def wait(self, keys: Iterable[Key], timeout: Timeout | None = None) -> None:
         """Block until every key exists (up to ``timeout``, default the store timeout), on a
@@ -598,7 +600,7 @@ class AsyncTCPStore:
         """
         raw = key_list(keys)
         seconds = self._timeout_s if timeout is None else timeout_seconds(timeout)
-        await self._blocking(cmd.wait(raw), seconds, [cmd.PREFIX + k for k in raw], "wait")
+        await self._blocking(cmd.wait(raw), seconds, [cmd.PREFIX + k for k in raw], "wait", raw)
 
     async def num_keys(self) -> int:
         """Return the number of keys on the server, ``init/`` included (torch's count).
@@ -619,7 +621,7 @@ class AsyncTCPStore:
         raw_keys = key_list(keys)
         raw_values = [value_bytes(v) for v in values]
         same_length(raw_keys, raw_values)
-        await self._call(cmd.multi_set(raw_keys, raw_values), "multi_set", [cmd.PREFIX + k for k in raw_keys])
+        await self._call(cmd.multi_set(raw_keys, raw_values), "multi_set", raw_keys)
 
     async def append(self, key: Key, value: Value) -> None:
         """Append ``value`` to the value at ``key`` (no reply, as in torch).
@@ -629,7 +631,7 @@ class AsyncTCPStore:
             StoreConnectionError: the server cannot be reached or closed the connection.
         """
         raw = key_bytes(key)
-        await self._call(cmd.append(raw, value_bytes(value)), "append", (cmd.PREFIX + raw,))
+        await self._call(cmd.append(raw, value_bytes(value)), "append", raw)
 
     async def list_keys(self) -> list[str]:
         """Return the keys written through the TCPStore API (``init/`` is hidden, as in torch).
@@ -652,7 +654,7 @@ class AsyncTCPStore:
         """
         raw = key_bytes(key)
         seconds = self._timeout_s if timeout is None else timeout_seconds(timeout)
-        await self._blocking(cmd.barrier(raw, int(world_size)), seconds, [raw], "barrier")
+        await self._blocking(cmd.barrier(raw, int(world_size)), seconds, [raw], "barrier", raw)
 
     async def queue_push(self, key: Key, value: Value) -> None:
         """Push ``value`` onto the queue at ``key`` (no reply).
@@ -664,7 +666,7 @@ class AsyncTCPStore:
         """
         cmd.require_queues(self._use_libuv)
         raw = key_bytes(key)
-        await self._call(cmd.queue_push(raw, value_bytes(value)), "queue_push", (cmd.PREFIX + raw,))
+        await self._call(cmd.queue_push(raw, value_bytes(value)), "queue_push", raw)
 
     async def queue_pop(self, key: Key, block: bool = True) -> bytes:
         """Pop the head of the queue at ``key``; with ``block``, wait up to the store timeout.
@@ -679,7 +681,7 @@ class AsyncTCPStore:
         raw = key_bytes(key)
         if block:
             await self.wait([raw])
-        value = await self._call(cmd.queue_pop(raw), "queue_pop", (cmd.PREFIX + raw,))
+        value = await self._call(cmd.queue_pop(raw), "queue_pop", raw)
         if value is None:
             raise queue_empty(cmd.PREFIX + raw, f"TCPStore at {self.address}")
         return value  # type: ignore[no-any-return]
@@ -694,4 +696,4 @@ class AsyncTCPStore:
         """
         cmd.require_queues(self._use_libuv)
         raw = key_bytes(key)
-        return await self._call(cmd.queue_len(raw), "queue_len", (cmd.PREFIX + raw,))  # type: ignore[no-any-return]
+        return await self._call(cmd.queue_len(raw), "queue_len", raw)  # type: ignore[no-any-return]

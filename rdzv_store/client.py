@@ -24,12 +24,14 @@ from . import commands
 from . import auth
 from . import protocol as p
 from .args import reply_bound
-from .errors import StoreConnectionError, StoreTimeoutError, barrier_timeout, format_keys, format_ms, wait_timeout
+from .errors import StoreConnectionError, StoreTimeoutError, barrier_timeout, format_ms, wait_timeout
 from .retry import ConnectRetry
 
 __all__ = ["Connection", "connect_with_retry"]
 
 log = logging.getLogger("rdzv_store.client")
+
+_monotonic = time.monotonic
 
 # Replies are read with recv_into a per-connection buffer of this size. A plain
 # ``recv(256 KiB)`` makes CPython allocate (glibc: mmap), shrink (mremap) and free
@@ -189,8 +191,8 @@ class Connection:
         # The request in progress (for error messages) and the last one without a reply since
         # the last reply read: op name and wire keys.
         self._op = ""
-        self._keys: Sequence[bytes] = ()
-        self._unanswered: tuple[str, Sequence[bytes]] | None = None
+        self._keys: commands.Keys = None
+        self._unanswered: tuple[str, commands.Keys] | None = None
         sock, self.libuv_rules = _connect(host, port, timeout, secret, probe)
         self._adopt(sock)
 
@@ -236,17 +238,15 @@ class Connection:
             raise StoreConnectionError(f"the connection to the store at {self.address} is closed")
         return self._sock
 
-    def _socket_for_send(self) -> socket.socket:
+    def _socket_for_send(self, now: float) -> socket.socket:
+        """The socket for a new request, after a long enough pause or a lost connection."""
         sock = self._sock
-        if sock is not None:
-            now = time.monotonic()
-            if now - self._last_send > self._IDLE_CHECK and self._poll is not None and self._poll.poll(0):
-                # Readable while no reply is due: the server closed (or reset) the connection
-                # while it was idle, e.g. it restarted. Reconnect before sending anything.
-                log.info("the store at %s had closed the idle connection", self.address)
-                self._drop()
-                sock = None
-            self._last_send = now
+        if sock is not None and self._poll is not None and self._poll.poll(0):
+            # Readable while no reply is due: the server closed (or reset) the connection
+            # while it was idle, e.g. it restarted. Reconnect before sending anything.
+            log.info("the store at %s had closed the idle connection", self.address)
+            self._drop()
+            sock = None
         if sock is None:
             if self._closed:
                 raise StoreConnectionError(f"the connection to the store at {self.address} is closed")
@@ -263,9 +263,7 @@ class Connection:
         return sock
 
     def _what(self) -> str:
-        return f" ({self._op} on key {format_keys(list(self._keys)[:3])})" if self._keys else (
-            f" ({self._op})" if self._op else ""
-        )
+        return f" ({commands.describe(self._op, self._keys)})" if self._op else ""
 
     def _set_timeout(self, sock: socket.socket, seconds: float) -> None:
         """Bound the next send/recv by ``seconds`` (never 0: that means "no timeout" to the kernel)."""
@@ -287,7 +285,14 @@ class Connection:
     def send(self, data: bytes, fresh: bool = True) -> None:
         """Send ``data``. ``fresh``: a new request (may reconnect first); otherwise part of an
         exchange in progress (CANCEL_WAIT), which must go on the same connection."""
-        sock = self._socket_for_send() if fresh else self._socket()
+        sock = self._sock
+        if fresh:
+            now = _monotonic()
+            if sock is None or now - self._last_send > self._IDLE_CHECK:
+                sock = self._socket_for_send(now)
+            self._last_send = now
+        elif sock is None:
+            sock = self._socket()
         try:
             self._set_timeout(sock, self.reply_timeout)
             sock.sendall(data)
@@ -351,10 +356,10 @@ class Connection:
             ) from None
 
     # -- request helpers ---------------------------------------------------------------------
-    def call(self, command: tuple[bytes, p.ReplyParser | None], op: str = "", keys: Sequence[bytes] = ()) -> Any:
+    def call(self, command: tuple[bytes, p.ReplyParser | None], op: str = "", keys: commands.Keys = None) -> Any:
         """Send one command; read its reply unless it is fire-and-forget.
 
-        ``op`` and ``keys`` (wire keys) name the request in error messages.
+        ``op`` and ``keys`` (the user's keys: one, several or None) name the request in errors.
         """
         data, parser = command
         with self.lock:
@@ -367,7 +372,7 @@ class Connection:
             return self.read_reply(parser)
 
     def call_many(
-        self, data: bytes, parsers: Sequence[p.ReplyParser], op: str = "", keys: Sequence[bytes] = ()
+        self, data: bytes, parsers: Sequence[p.ReplyParser], op: str = "", keys: commands.Keys = None
     ) -> list[Any]:
         """Send pipelined requests in one write and read their replies in order."""
         with self.lock:
@@ -377,7 +382,12 @@ class Connection:
             return [self.read_reply(parser) for parser in parsers]
 
     def wait(
-        self, command: tuple[bytes, p.ReplyParser | None], timeout: float, message_keys: Sequence[bytes], what: str = "wait"
+        self,
+        command: tuple[bytes, p.ReplyParser | None],
+        timeout: float,
+        message_keys: Sequence[bytes],
+        what: str = "wait",
+        keys: commands.Keys = None,
     ) -> None:
         """Send WAIT or BARRIER and block for STOP_WAITING; on timeout, cancel as torch does.
 
@@ -387,7 +397,7 @@ class Connection:
         """
         with self.lock:
             self._op = what
-            self._keys = message_keys
+            self._keys = keys
             self.send(command[0])
             try:
                 self.read(p.parse_u8, timeout=max(timeout, 0.0))

@@ -11,7 +11,7 @@ for torch's fire-and-forget requests (SET, APPEND, MULTI_SET, QUEUE_PUSH).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Union
 
 from . import protocol as p
 from .errors import format_keys
@@ -39,17 +39,26 @@ _REFUSALS = {
 }
 
 
-def refusal(what: str, keys: Sequence[bytes], earlier: tuple[str, Sequence[bytes]] | None = None) -> str:
+Keys = Union[bytes, Sequence[bytes], None]
+
+
+def describe(op: str, keys: Keys) -> str:
+    """``op on key /k``: a request for an error message. ``keys`` are user keys (one, several or
+    None), shown as on the wire, with torch's "/" prefix."""
+    if not keys:
+        return op
+    ks = [keys] if isinstance(keys, bytes) else list(keys)
+    shown = format_keys([PREFIX + k for k in ks[:3]]) + (", ..." if len(ks) > 3 else "")
+    return f"{op} on key {shown}"
+
+
+def refusal(what: str, keys: Keys, earlier: tuple[str, Keys] | None = None) -> str:
     """Say which request the server refused by closing the connection, and why that usually happens.
 
-    ``keys`` are wire keys; ``earlier`` is a request sent since the last reply that has no reply
-    of its own (SET, APPEND ...): the server may have refused that one instead.
+    ``keys`` are the request's user keys; ``earlier`` is a request sent since the last reply that
+    has no reply of its own (SET, APPEND ...): the server may have refused that one instead.
     """
-
-    def name(op: str, ks: Sequence[bytes]) -> str:
-        shown = format_keys(list(ks)[:3]) + (", ..." if len(ks) > 3 else "")
-        return f"{op} on key {shown}" if ks else op
-
+    name = describe
     text = f"closed the connection instead of answering {name(what, keys)}"
     if earlier is not None:
         text += f" (or the earlier {name(*earlier)}, which has no reply of its own)"

@@ -42,7 +42,7 @@ _tenants_lock = threading.Lock()
 
 
 def _wire(keys: list[bytes]) -> list[bytes]:
-    """Keys as they go on the wire (torch's "/" prefix), for error messages."""
+    """Keys as they go on the wire (torch's "/" prefix), for timeout messages."""
     return [cmd.PREFIX + k for k in keys]
 
 
@@ -146,7 +146,7 @@ class TCPStore(Store):
                     self._conn.address,
                 )
             if world_size is not None and wait_for_workers:
-                self._conn.call(cmd.add_raw(cmd.INIT_KEY, 1), "add", (cmd.INIT_KEY,))
+                self._conn.call(cmd.add_raw(cmd.INIT_KEY, 1), "add on key init/")
                 if self._server is not None:
                     self._wait_for_workers(world_size)
         except BaseException:
@@ -250,65 +250,65 @@ class TCPStore(Store):
 
     # -- hooks: each is one command from ``commands`` ----------------------------------------
     def _set(self, key: bytes, value: bytes) -> None:
-        self._conn.call(cmd.set_(key, value), "set", (cmd.PREFIX + key,))
+        self._conn.call(cmd.set_(key, value), "set", key)
 
     def _get(self, key: bytes, timeout: float) -> bytes:
         return self._multi_get([key], timeout)[0]
 
     def _multi_get(self, keys: list[bytes], timeout: float) -> list[bytes]:
         if self._pipelined_get:
-            ready, values = self._conn.call_many(*cmd.check_then_multi_get(keys), "get", _wire(keys))
+            ready, values = self._conn.call_many(*cmd.check_then_multi_get(keys), "get", keys)
             if ready:
                 return values  # type: ignore[no-any-return]
         self._wait(keys, timeout)
-        return self._conn.call(cmd.multi_get(keys), "get", _wire(keys))  # type: ignore[no-any-return]
+        return self._conn.call(cmd.multi_get(keys), "get", keys)  # type: ignore[no-any-return]
 
     def _add(self, key: bytes, amount: int) -> int:
-        return self._conn.call(cmd.add(key, amount), "add", (cmd.PREFIX + key,))  # type: ignore[no-any-return]
+        return self._conn.call(cmd.add(key, amount), "add", key)  # type: ignore[no-any-return]
 
     def _compare_set(self, key: bytes, expected: bytes, desired: bytes) -> bytes:
-        return self._conn.call(cmd.compare_set(key, expected, desired), "compare_set", (cmd.PREFIX + key,))  # type: ignore[no-any-return]
+        return self._conn.call(cmd.compare_set(key, expected, desired), "compare_set", key)  # type: ignore[no-any-return]
 
     def _delete_key(self, key: bytes) -> bool:
-        return self._conn.call(cmd.delete_key(key), "delete_key", (cmd.PREFIX + key,))  # type: ignore[no-any-return]
+        return self._conn.call(cmd.delete_key(key), "delete_key", key)  # type: ignore[no-any-return]
 
     def _check(self, keys: list[bytes]) -> bool:
-        return self._conn.call(cmd.check(keys), "check", _wire(keys))  # type: ignore[no-any-return]
+        return self._conn.call(cmd.check(keys), "check", keys)  # type: ignore[no-any-return]
 
     def _wait(self, keys: list[bytes], timeout: float) -> None:
-        self._conn.wait(cmd.wait(keys), timeout, _wire(keys))
+        self._conn.wait(cmd.wait(keys), timeout, _wire(keys), "wait", keys)
 
     def _num_keys(self) -> int:
         return self._conn.call(cmd.num_keys(), "num_keys")  # type: ignore[no-any-return]
 
     def _multi_set(self, keys: list[bytes], values: list[bytes]) -> None:
-        self._conn.call(cmd.multi_set(keys, values), "multi_set", _wire(keys))
+        self._conn.call(cmd.multi_set(keys, values), "multi_set", keys)
 
     def _append(self, key: bytes, value: bytes) -> None:
-        self._conn.call(cmd.append(key, value), "append", (cmd.PREFIX + key,))
+        self._conn.call(cmd.append(key, value), "append", key)
 
     def _list_keys(self) -> list[bytes]:
         return self._conn.call(cmd.list_keys(), "list_keys")  # type: ignore[no-any-return]
 
     def _barrier(self, key: bytes, world_size: int, timeout: float) -> None:
-        self._conn.wait(cmd.barrier(key, world_size), timeout, [key], "barrier")
+        self._conn.wait(cmd.barrier(key, world_size), timeout, [key], "barrier", key)
 
     def _queue_push(self, key: bytes, value: bytes) -> None:
         cmd.require_queues(self._use_libuv)
-        self._conn.call(cmd.queue_push(key, value), "queue_push", (cmd.PREFIX + key,))
+        self._conn.call(cmd.queue_push(key, value), "queue_push", key)
 
     def _queue_pop(self, key: bytes, block: bool, timeout: float) -> bytes:
         cmd.require_queues(self._use_libuv)
         if block:
             self._wait([key], timeout)
-        value = self._conn.call(cmd.queue_pop(key), "queue_pop", (cmd.PREFIX + key,))
+        value = self._conn.call(cmd.queue_pop(key), "queue_pop", key)
         if value is None:
             raise queue_empty(cmd.PREFIX + key, f"TCPStore at {self._conn.address}")
         return value
 
     def _queue_len(self, key: bytes) -> int:
         cmd.require_queues(self._use_libuv)
-        return self._conn.call(cmd.queue_len(key), "queue_len", (cmd.PREFIX + key,))  # type: ignore[no-any-return]
+        return self._conn.call(cmd.queue_len(key), "queue_len", key)  # type: ignore[no-any-return]
 
     def set_timeout(self, timeout: Timeout) -> None:
         """Set the store timeout: default for waits, bound for every reply and reconnect.
