@@ -208,3 +208,20 @@ def test_backend_bytes_are_torch_shaped(tmp_path: Path) -> None:
             assert b"_RendezvousState" in raw and b"_NodeDesc" in raw
         finally:
             store.close()
+
+
+def test_rendezvous_benchmark_smoke(tmp_path: Path) -> None:
+    # The benchmark runs (ours only, 8 agents, once) and writes its report; it times nothing here.
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_rendezvous", "--no-torch", "--sizes", "8", "--reps", "1", "--out", str(tmp_path)],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cell = json.loads((tmp_path / "rendezvous.json").read_text())["summary"]["8"]["ours/ours"]
+    assert cell["failed"] == 0 and cell["compare_set"]["median"] >= 16  # 8 sentinels + 8 joins at least
+    assert "| 8 | ours/ours |" in (tmp_path / "rendezvous.md").read_text()
