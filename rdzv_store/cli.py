@@ -114,6 +114,16 @@ def bind_host(text: str) -> str:
     return text
 
 
+def metrics_host(text: str) -> str:
+    """``--metrics-host``: the rule of ``--host``, an empty host is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "an empty host would serve metrics on every interface; to mean that, say so: "
+            "--metrics-host 0.0.0.0 (every IPv4 interface) or --metrics-host :: (every IPv6 interface)"
+        )
+    return text
+
+
 def log_level(text: str) -> str:
     if text.upper() not in _LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"log level must be one of {', '.join(_LOG_LEVELS)}, got {text!r}")
@@ -256,6 +266,19 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --secret-file: also serve clients that skip the check, torch's TCPStore (default: off)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://METRICS-HOST:PORT/metrics, 0 picks a free port "
+        "(default: no metrics, nothing counted)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        type=metrics_host,
+        metavar="HOST",
+        help="with --metrics-port: address to serve metrics on, and only that (default: 127.0.0.1)",
+    )
 
 
 def _read_secret(path: str) -> bytes:
@@ -295,6 +318,10 @@ async def _serve(host: str, port: int, options: dict[str, Any]) -> None:
     await server.start()
     # One parseable line on stdout, so launchers (and tests) can learn a port chosen with --port 0.
     print(f"rdzv-store listening on {host} port {server.port}", flush=True)
+    if server.metrics_port is not None:  # and one for --metrics-port 0
+        mhost = options["metrics"][0]
+        mhost = f"[{mhost}]" if ":" in mhost else mhost
+        print(f"rdzv-store metrics on http://{mhost}:{server.metrics_port}/metrics", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -307,6 +334,8 @@ async def _serve(host: str, port: int, options: dict[str, Any]) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     if args.allow_torch_clients and not args.secret_file:
         raise _UsageError("--allow-torch-clients only makes sense with --secret-file")
+    if args.metrics_host is not None and args.metrics_port is None:
+        raise _UsageError("--metrics-host only makes sense with --metrics-port")
     options: dict[str, Any] = {
         "max_connections": args.max_connections,
         "request_timeout": args.request_timeout or None,
@@ -314,6 +343,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.secret_file:
         options["secret"] = _read_secret(args.secret_file)
         options["allow_torch_clients"] = args.allow_torch_clients
+    if args.metrics_port is not None:
+        options["metrics"] = (args.metrics_host or "127.0.0.1", args.metrics_port)
     _run_until_complete(_serve(args.host, args.port, options), args.loop)
     return 0
 
