@@ -313,13 +313,17 @@ class EtcdClient:
         saw_no_leader = False
         pause = 0.02
         reauthed = False
+        # One member: nowhere to fail over to, so an attempt may take the whole deadline. Several:
+        # the attempt bound doubles after each round of failures, so an overloaded (slow but
+        # working) cluster is not hammered with aborted requests.
+        bound = self.attempt_timeout if n > 1 else float("inf")
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 and tried:
                 break
             index = self._current
             try:
-                return attempt(index, max(0.05, min(self.attempt_timeout, remaining)))
+                return attempt(index, max(0.05, min(bound, remaining)))
             except _NeedAuth:
                 if reauthed or not self._user:
                     raise EtcdAuthError("etcd requires authentication", str(self.endpoints[index]), key) from None
@@ -338,6 +342,7 @@ class EtcdClient:
                 # Every endpoint failed once: back off a little (an election takes ~1-2 s).
                 time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
                 pause = min(pause * 2, 0.5)
+                bound *= 2
         assert last is not None
         cause = f"no etcd endpoint answered in time, last error: {last.cause}"
         if saw_no_leader:

@@ -27,6 +27,7 @@ member, and a compacted start revision is handled the same way (re-read, re-watc
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -189,7 +190,7 @@ class EtcdStore(Store):
         self._op_key = raw_prefix + b"o/" + self._id.encode()
         self._op_mod = "0"  # mod_revision of our operation record as we last wrote it
         self._op_seq = 0
-        self._queue_seq = 0
+        self._queue_seq = itertools.count(1)  # next() is atomic: threads never share an item key
         self._write_lock = threading.Lock()
         self._closed = False
         # What this object last stored under a counter/appended key: the first guess of the
@@ -388,8 +389,7 @@ class EtcdStore(Store):
         return result
 
     def _queue_push(self, key: bytes, value: bytes) -> None:
-        self._queue_seq += 1
-        item = self._q(key) + f"{self._id}-{self._queue_seq:016d}".encode()
+        item = self._q(key) + f"{self._id}-{next(self._queue_seq):016d}".encode()
         attempt = _Attempt([], [_put(item, value)], size=len(item) + len(value))
         self._mutate(key, lambda _reads: attempt)
 
