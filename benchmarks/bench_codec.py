@@ -9,10 +9,10 @@ addresses ``node-00042.rack001.cluster.example.com``, pid 100000+i, local_id 0; 
   (state -> bytes), pure Python;
 * C pickle: ``_pickle.loads`` of the same bytes and ``dumps`` of the result, the reference.
 
-The project's no-pickle rule (tests/test_security_no_pickle.py) covers this file, so the C pickle
-side runs in a child interpreter from the source text ``_C_PICKLE_CHILD`` below, and only on
-bytes this benchmark generated itself. The child registers two stand-in classes under torch's
-module path (same NEWOBJ/BUILD/hash work as torch's dataclasses), so torch is not needed.
+The C pickle side runs in a child interpreter, ``benchmarks/pickle_reference.py``: the one file
+the no-pickle rule (tests/test_security_no_pickle.py) exempts, by name and with its reason, and
+only on bytes this benchmark generated itself. The child registers two stand-in classes under
+torch's module path (same NEWOBJ/BUILD/hash work as torch's dataclasses), so torch is not needed.
 
 Each figure is the median of ``--reps`` (>= 5) repetitions of one call, after one warm-up, with
 min and max; cProfile then shows where our time goes.
@@ -47,34 +47,9 @@ from rdzv_backend.state_codec import decode_state, encode_state  # noqa: E402
 SIZES = (1024, 4096)
 CHILD_TIMEOUT = 300.0
 
-# Run by a child interpreter (python -c): the C pickle reference. Reads {"path", "reps"} on stdin.
-_C_PICKLE_CHILD = r'''
-import json, sys, time, types, dataclasses, hashlib
-mod = types.ModuleType("torch.distributed.elastic.rendezvous.dynamic_rendezvous")
-@dataclasses.dataclass(eq=True, order=True, frozen=True)
-class _NodeDesc:
-    addr: str
-    pid: int
-    local_id: int
-class _RendezvousState:
-    pass
-for cls in (_NodeDesc, _RendezvousState):
-    cls.__module__ = mod.__name__
-    setattr(mod, cls.__name__, cls)
-for name in ("torch", "torch.distributed", "torch.distributed.elastic", "torch.distributed.elastic.rendezvous"):
-    sys.modules.setdefault(name, types.ModuleType(name))
-sys.modules[mod.__name__] = mod
-import _pickle
-req = json.load(sys.stdin)
-data = open(req["path"], "rb").read()
-obj = _pickle.loads(data); _pickle.dumps(obj, 4)
-loads, dumps = [], []
-for _ in range(req["reps"]):
-    t = time.perf_counter(); obj = _pickle.loads(data); loads.append(time.perf_counter() - t)
-    t = time.perf_counter(); out = _pickle.dumps(obj, 4); dumps.append(time.perf_counter() - t)
-print(json.dumps({"loads": loads, "dumps": dumps, "dumps_len": len(out),
-                  "dumps_sha": hashlib.sha256(out).hexdigest(), "python": sys.version.split()[0]}))
-'''
+# The C pickle reference runs in a child interpreter: benchmarks/pickle_reference.py, the one file
+# the no-pickle rule exempts, by name and with its reason (tests/test_security_no_pickle.py).
+PICKLE_REFERENCE = HERE / "pickle_reference.py"
 
 
 def _loadavg() -> str:
@@ -115,7 +90,7 @@ def c_pickle(data: bytes, reps: int) -> dict[str, Any]:
         f.write(data)
         f.flush()
         proc = subprocess.run(
-            [sys.executable, "-c", _C_PICKLE_CHILD],
+            [sys.executable, str(PICKLE_REFERENCE)],
             input=json.dumps({"path": f.name, "reps": reps}),
             capture_output=True,
             text=True,
