@@ -1,7 +1,7 @@
 """What the server's Prometheus metrics cost per request: off vs on, and stdlib vs prometheus_client.
 
 ``python -m benchmarks.bench_metrics [--reps N] [--quick]`` writes
-``benchmarks/results/metrics.md`` (generated: do not edit by hand). Four measurements,
+``benchmarks/results/metrics.md`` (generated: do not edit by hand; about 4 min). Four measurements,
 each repeated ``--reps`` times (>= 5), the configurations alternated within every
 repetition in short chunks (the order rotated each time) so that a change in the shared
 machine's load, or work on the sibling hyperthread, hits all of them alike; medians with
@@ -483,7 +483,7 @@ def markdown(res: dict[str, Any]) -> str:
         "## 3. Small-op round trips over loopback (`rdzv-store serve`, one TCPStore client)",
         "",
         f"{lb['ops']} of each op per configuration and repetition, interleaved, in {lb['chunks']} slices "
-        "alternated between the two servers.",
+        "alternated between the three servers.",
         "",
         "| figure | metrics off | metrics on | on vs off (paired, min … max) | control: a second server, off, vs off |",
         "|---|---|---|---|---|",
