@@ -47,7 +47,7 @@ test per request. When on, the hooks are, and should stay, only these:
   of a read: ``self._held`` plus the bytes just fed, which is what
   ``decoder.held`` would say; after a complete request ``held == buffered``);
   time is ``perf_counter_ns`` chained from request to request. Measured
-  (``benchmarks/bench_metrics.py``) at about 0.5 us per request;
+  (``benchmarks/bench_metrics.py``) at 0.6-0.7 us per request;
 * ``StoreServer._admit``: ``accepted`` / ``refused``;
 * ``_Connection.connection_lost``: ``closed(reason, bytes received)``, the
   reason set by ``close(..., why=)`` (or "eof"/"reset" when the peer ended it);
