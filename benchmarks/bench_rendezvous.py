@@ -41,7 +41,7 @@ if __name__ == "__main__" and not __package__:  # `python benchmarks/bench_rende
 from .common import HERE, REPO, machine_info, start_server, stop_process, summarize
 
 PAIRS = [("ours", "ours"), ("torch", "torch"), ("torch", "ours")]
-RUN_TIMEOUT = 300.0
+RUN_TIMEOUT = 150.0
 HOST = "127.0.0.1"
 
 
@@ -264,9 +264,16 @@ def main(argv: list[str] | None = None) -> int:
                 raw[str(n)][f"{h}/{s}"].append(res)
                 print(f"N={n} rep={rep} {h}/{s}: {res.get('seconds')} s ok={res.get('ok')} "
                       f"cas={res.get('compare_set')} {res.get('errors') or ''}", flush=True)
+        _write(args.out, info, args.quick, reps, raw)  # after each size: a partial run still reports
+    return 0
+
+
+def _write(out_dir: str, info: dict[str, Any], quick: bool, reps: int, raw: dict[str, Any]) -> None:
     info["loadavg_end"] = _loadavg()
-    results = {"machine": info, "quick": args.quick, "reps": reps, "runs": raw, "summary": {}}
+    results: dict[str, Any] = {"machine": info, "quick": quick, "reps": reps, "runs": raw, "summary": {}}
     for n, cells in raw.items():
+        if not any(cells.values()):
+            continue
         for pair, runs in cells.items():
             good = [r for r in runs if r.get("ok")]
             results["summary"].setdefault(n, {})[pair] = {
@@ -276,12 +283,11 @@ def main(argv: list[str] | None = None) -> int:
                 "bytes": summarize([r["bytes"] for r in good]),
                 "failed": len(runs) - len(good),
             }
-    out = Path(args.out)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rendezvous.json").write_text(json.dumps(results, indent=1))
     (out / "rendezvous.md").write_text(_report(results))
-    print(f"wrote {out / 'rendezvous.md'}")
-    return 0
+    print(f"wrote {out / 'rendezvous.md'}", flush=True)
 
 
 def _fmt(cell: dict[str, Any], key: str, fmt: str) -> str:

@@ -328,6 +328,46 @@ def _redundancy(state: RendezvousState) -> set[NodeDesc]:
     return state.redundancy_list
 
 
+def _copy_state(state: RendezvousState) -> RendezvousState:
+    # Nodes and datetimes are immutable: copying the containers is a deep copy.
+    return RendezvousState(
+        state.round,
+        state.complete,
+        state.deadline,
+        state.closed,
+        dict(state.participants),
+        set(state.wait_list),
+        set(_redundancy(state)),
+        dict(state.last_heartbeats),
+    )
+
+
+class _DecodedCache:
+    """The last few decoded states of this process, by their bytes (copies go in and out).
+
+    Every agent thread of a process polls the same bytes; the pure-Python codec is the expensive
+    part of a sync (about 1 ms per 10 nodes), so it decodes each distinct value once per process.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self._size = size
+        self._items: dict[bytes, RendezvousState] = {}
+        self._lock = threading.Lock()
+
+    def get(self, bits: bytes) -> RendezvousState | None:
+        with self._lock:
+            return self._items.get(bits)
+
+    def put(self, bits: bytes, state: RendezvousState) -> None:
+        with self._lock:
+            self._items[bits] = state
+            while len(self._items) > self._size:
+                del self._items[next(iter(self._items))]
+
+
+_decoded_cache = _DecodedCache()
+
+
 class _RendezvousStateHolder:
     """Holds the shared state, synced with the other nodes (torch's ABC)."""
 
@@ -404,6 +444,14 @@ class _BackendRendezvousStateHolder(_RendezvousStateHolder):
         return err
 
     def _decode(self, bits: bytes) -> RendezvousState:
+        cached = _decoded_cache.get(bits)
+        if cached is not None:
+            return _copy_state(cached)
+        state = self._decode_uncached(bits)
+        _decoded_cache.put(bits, _copy_state(state))
+        return state
+
+    def _decode_uncached(self, bits: bytes) -> RendezvousState:
         _, decode = self._coders()
         try:
             state = decode(bits, key=self._key)
@@ -541,6 +589,7 @@ class _DistributedRendezvousOpExecutor:
         self._settings = settings
         self._clock = clock or _SYSTEM_CLOCK
         self._state = state_holder.state
+        self._lost = 0  # consecutive lost conditional writes (for the back-off)
 
     def step(
         self,
@@ -558,6 +607,20 @@ class _DistributedRendezvousOpExecutor:
             RendezvousConnectionError, RendezvousStateError: From ``sync()``.
         """
         has_set = self._state_holder.sync()
+        if has_set is False:
+            # Lost a conditional write. torch retries at once; with hundreds of nodes that can
+            # livelock (every read-modify-write loses to another). Back off by a random time that
+            # doubles with each consecutive loss (at most 1 s, the poll period). Timing only.
+            # After the pause, decide on a fresh read, not on the state the lost write returned.
+            self._lost += 1
+            pause = self._clock.uniform(0, min(1.0, 0.01 * 2 ** min(self._lost, 7)))
+            if pause >= 0.01:
+                _delay(pause, self._clock)
+                if isinstance(self._state_holder, _BackendRendezvousStateHolder):
+                    self._state_holder._last_sync_time = -1  # bypass the read cache once
+                    self._state_holder.sync()
+        elif has_set:
+            self._lost = 0
         if has_set is not None and logger.isEnabledFor(logging.DEBUG):
             if has_set:
                 logger.debug(
