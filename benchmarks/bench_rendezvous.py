@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 raw[str(n)][f"{h}/{s}"].append(res)
                 print(f"N={n} rep={rep} {h}/{s}: {res.get('seconds')} s ok={res.get('ok')} "
                       f"cas={res.get('compare_set')} {res.get('errors') or ''}", flush=True)
-        _write(args.out, info, args.quick, reps, raw)  # after each size: a partial run still reports
+                _write(args.out, info, args.quick, reps, raw)  # after each run: a partial run still reports
     return 0
 
 
@@ -287,7 +287,6 @@ def _write(out_dir: str, info: dict[str, Any], quick: bool, reps: int, raw: dict
     out.mkdir(parents=True, exist_ok=True)
     (out / "rendezvous.json").write_text(json.dumps(results, indent=1))
     (out / "rendezvous.md").write_text(_report(results))
-    print(f"wrote {out / 'rendezvous.md'}", flush=True)
 
 
 def _fmt(cell: dict[str, Any], key: str, fmt: str) -> str:
@@ -306,12 +305,13 @@ def _report(results: dict[str, Any]) -> str:
         f"git {m.get('git')}{', QUICK mode' if results['quick'] else ''}.",
         f"Load average before: `{m['loadavg_start']}`; after: `{m['loadavg_end']}`.",
         "",
-        f"N agents (processes x threads), min_nodes = max_nodes = N; median of {results['reps']} repetitions, "
+        f"N agents (processes x threads), min_nodes = max_nodes = N; median of up to {results['reps']} repetitions "
+        "(column `runs`: how many completed), "
         "alternated; spread = (max-min)/2/median. compare_set = set_state calls + one sentinel per "
         "backend; bytes = state bytes sent and received (before base64), summed over all agents.",
         "",
-        "| N | handler/server | seconds | spread | vs torch/torch | compare_set | get_state | bytes moved | failed runs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| N | handler/server | seconds | spread | vs torch/torch | compare_set | get_state | bytes moved | runs | failed runs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, cells in results["summary"].items():
         base = cells.get("torch/torch", {}).get("seconds", {}).get("median")
@@ -322,7 +322,7 @@ def _report(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {n} | {pair} | {_fmt(cell, 'seconds', '{:.2f}')} | {spread} | {ratio} | "
                 f"{_fmt(cell, 'compare_set', '{:.0f}')} | {_fmt(cell, 'get_state', '{:.0f}')} | "
-                f"{_fmt(cell, 'bytes', '{:,.0f}')} | {cell['failed']} |"
+                f"{_fmt(cell, 'bytes', '{:,.0f}')} | {cell['seconds']['n']} | {cell['failed']} |"
             )
     lines.append("")
     return "\n".join(lines)
