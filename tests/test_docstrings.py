@@ -14,9 +14,9 @@ import re
 import pytest
 
 import rdzv_store
-from rdzv_store import AsyncTCPStore, FileStore, HashStore, PrefixStore, Store, TCPStore
+from rdzv_store import AsyncTCPStore, FileStore, HashStore, PrefixStore, Store, StoreServer, TCPStore
 
-CLASSES = [Store, AsyncTCPStore, TCPStore, HashStore, PrefixStore, FileStore]
+CLASSES = [Store, AsyncTCPStore, TCPStore, HashStore, PrefixStore, FileStore, StoreServer]
 
 # What an entry of a Raises section may start with: an exception class (ours, the builtins',
 # asyncio's), or an explicit statement that there is nothing / what another call raises.
