@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from reliability_helpers import poll_until
+from reliability_helpers import poll_until, recv_exactly
 
 from rdzv_store import AsyncTCPStore, StoreConnectionError, StoreTimeoutError, TCPStore
 from rdzv_store import protocol as p
@@ -25,16 +25,6 @@ def raw(proxy: FaultProxy, timeout: float = 5.0) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionResetError(f"EOF after {len(data)} of {n} bytes")
-        data += chunk
-    return data
 
 
 def handshake(sock: socket.socket, nonce: int = 7) -> None:
