@@ -21,6 +21,7 @@ from .api import (
     RendezvousTimeoutError,
 )
 from .c10d import DEFAULT_PORT, C10dRendezvousBackend, RendezvousBackend, Token, create_backend
+from .etcd import EtcdRendezvousBackend  # its create_backend stays rdzv_backend.etcd.create_backend
 from .state import NodeDesc, RendezvousState
 from .state_codec import decode_state, encode_state, state_from_json, state_to_json
 from .api import RendezvousHandler, RendezvousInfo, RendezvousStoreInfo
@@ -48,6 +49,7 @@ __all__ = [
     "RendezvousTimeout",
     "create_handler",
     "C10dRendezvousBackend",
+    "EtcdRendezvousBackend",
     "RendezvousBackend",
     "RendezvousClosedError",
     "RendezvousConnectionError",
