@@ -252,9 +252,14 @@ class EtcdCluster:
 
     def _stop_members(self) -> None:
         threads = [threading.Thread(target=m.stop) for m in self.members]
-        for t in threads:
-            t.start()
-        for t in threads:
+        started = []
+        for t, m in zip(threads, self.members):
+            try:
+                t.start()
+                started.append(t)
+            except RuntimeError:  # at interpreter shutdown (the atexit net) no thread can start
+                m.stop()
+        for t in started:
             t.join(20)
 
     def stop(self) -> None:
