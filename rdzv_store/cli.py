@@ -104,24 +104,23 @@ def _seconds(allow_zero: bool) -> Callable[[str], float]:
     return parse
 
 
-def bind_host(text: str) -> str:
-    """A host to bind: refuse the empty string, which getaddrinfo would turn into every interface."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(
-            "an empty host would listen on every interface; to mean that, say so: "
-            "--host 0.0.0.0 (every IPv4 interface) or --host :: (every IPv6 interface)"
-        )
-    return text
+def _refuse_empty_host(option: str, verb: str) -> Callable[[str], str]:
+    """A host to bind for ``option``: refuse the empty string, which getaddrinfo would turn into
+    every interface (an unset ``$MASTER_ADDR`` would expose the store)."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(
+                f"an empty host would {verb} on every interface; to mean that, say so: "
+                f"{option} 0.0.0.0 (every IPv4 interface) or {option} :: (every IPv6 interface)"
+            )
+        return text
+
+    return parse
 
 
-def metrics_host(text: str) -> str:
-    """``--metrics-host``: the rule of ``--host``, an empty host is refused."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(
-            "an empty host would serve metrics on every interface; to mean that, say so: "
-            "--metrics-host 0.0.0.0 (every IPv4 interface) or --metrics-host :: (every IPv6 interface)"
-        )
-    return text
+bind_host = _refuse_empty_host("--host", "listen")
+metrics_host = _refuse_empty_host("--metrics-host", "serve metrics")
 
 
 def log_level(text: str) -> str:
