@@ -7,14 +7,13 @@ Run: ``/work/venv-torch/bin/python -m pytest -m interop tests/interop/test_inspe
 from __future__ import annotations
 
 import json
-import threading
 from datetime import timedelta
-from typing import Any
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from tcp_helpers import run_in_thread  # noqa: E402
 from torch.distributed import TCPStore as TorchTCPStore  # noqa: E402
 from torch.distributed.elastic.rendezvous import api as torch_api  # noqa: E402
 from torch.distributed.elastic.rendezvous import dynamic_rendezvous as tdr  # noqa: E402
@@ -41,21 +40,8 @@ def test_inspect_a_rendezvous_torch_handlers_formed_on_torch_server(
             backend="c10d", endpoint="", run_id=run_id, min_nodes=3, max_nodes=3, local_addr=HOST, join_timeout=60
         )
         handlers.append(tdr.create_handler(store, TorchC10dBackend(store, run_id), params))
-    results: dict[int, Any] = {}
-    errors: list[BaseException] = []
-
-    def join(i: int) -> None:
-        try:
-            results[i] = handlers[i].next_rendezvous()
-        except BaseException as exc:  # collected, re-raised below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=join, args=(i,), daemon=True) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors and len(results) == 3, errors
+    calls = [run_in_thread(h.next_rendezvous) for h in handlers]
+    results = [call.result(60) for call in calls]  # re-raises a handler's error, fails on a hang
 
     extra = [] if use_libuv else ["--log-level", "ERROR"]
     assert main(["inspect", f"{HOST}:{server.port}", "--json", *extra]) == 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import sys
-import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from rdzv_backend.state import NodeDesc, RendezvousState  # noqa: E402
 from rdzv_backend.state_codec import decode_state, encode_state  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tcp_helpers import run_in_thread  # noqa: E402
 from test_state_codec import big_state, nodes  # noqa: E402
 
 pytestmark = pytest.mark.interop
@@ -185,21 +185,8 @@ def test_we_decode_what_torch_handlers_write_in_a_real_rendezvous() -> None:
     run_id = "codec-real"
     # one address (rank 0 hosts the bootstrap TCPStore there); the nodes differ by local_id
     handlers = [_torch_handler(store, run_id, 3, "127.0.0.1") for _ in range(3)]
-    results: dict[int, Any] = {}
-    errors: list[BaseException] = []
-
-    def join(i: int) -> None:
-        try:
-            results[i] = handlers[i].next_rendezvous()
-        except BaseException as exc:  # collected, re-raised below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=join, args=(i,), daemon=True) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors and len(results) == 3, errors
+    calls = [run_in_thread(h.next_rendezvous) for h in handlers]
+    results = [call.result(60) for call in calls]  # re-raises a handler's error, fails on a hang
 
     state = decode_state(base64.b64decode(store.get(f"torch.rendezvous.{run_id}")), key=f"torch.rendezvous.{run_id}")
     assert state.complete and not state.closed and state.round == 0
