@@ -13,8 +13,8 @@ after every repetition:
    labelled ``Counter`` children and one ``Histogram`` child, bound in advance: the cheapest
    way to use it), each net of the two clock reads both need. This is the decision.
 2. **Server CPU per request, in process**: the real ``_Connection`` of ``StoreServer``,
-   fed complete requests one read at a time through ``buffer_updated`` (the worst case for
-   the hooks: nothing to amortise over) with a transport that discards replies; metrics off
+   fed complete requests one read at a time through ``_received`` (the worst case for
+   the hooks: nothing to amortise over) with a socket that takes every reply; metrics off
    and on. No network, no scheduler: the hot path itself.
 3. **Small-op round trips**: one ``TCPStore`` client against three fresh ``rdzv-store serve``
    processes, one started with ``--metrics-port 0`` and two without (the second is a control:
@@ -89,26 +89,16 @@ def rotations(names: list[str], rep: int) -> list[str]:
 # -- 1. in-process server CPU per request -------------------------------------------------------
 
 
-class _NullTransport:
-    def write(self, data: bytes) -> None:
-        pass
+class _NullSocket:
+    """What ``_Connection`` needs of its socket: every send taken whole, as the kernel nearly always does."""
 
-    def is_closing(self) -> bool:
-        return False
+    def send(self, data: bytes) -> int:
+        return len(data)
 
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 1) if name == "peername" else default
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
+    def fileno(self) -> int:
+        return -1
 
     def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
         pass
 
 
@@ -185,15 +175,15 @@ def _requests() -> list[bytes]:
 
 
 class InProcess:
-    """One server ``_Connection`` fed requests as the transport would; ``run(n)`` returns CPU ns."""
+    """One server ``_Connection`` fed requests as its socket would; ``run(n)`` returns CPU ns."""
 
     def __init__(self, mode: str) -> None:
         from rdzv_store.server import StoreServer, _Connection
 
         self.server = StoreServer("127.0.0.1", 0, metrics=None if mode == "off" else 0)
         self.mode = mode
-        self.conn = _Connection(self.server)
-        self.conn.connection_made(_NullTransport())  # type: ignore[arg-type]
+        self.conn = _Connection(self.server, _NullSocket(), "127.0.0.1:1")  # type: ignore[arg-type]
+        self.server._admit(self.conn)
         self.buffer = self.server._read_buffer
         self.sent = 0
         self._feed(p.encode_validate())
@@ -203,17 +193,17 @@ class InProcess:
 
     def _feed(self, data: bytes) -> None:
         self.buffer[: len(data)] = data
-        self.conn.buffer_updated(len(data))
+        self.conn._received(len(data))
         self.sent += 1
 
     def run(self, count: int) -> int:
-        reqs, sizes, buffer, feed = self.reqs, self.sizes, self.buffer, self.conn.buffer_updated
+        reqs, sizes, buffer, feed = self.reqs, self.sizes, self.buffer, self.conn._received
         n = len(reqs)
         clock = time.process_time_ns
         t0 = clock()
         for i in range(count):
             j = i % n
-            buffer[: sizes[j]] = reqs[j]  # what the transport's recv_into does
+            buffer[: sizes[j]] = reqs[j]  # what recv_into does
             feed(sizes[j])
         elapsed = clock() - t0
         self.sent += count

@@ -1,8 +1,9 @@
 """The asyncio TCPStore server: wire protocol (``protocol``) + semantics (``engine``).
 
-One event loop, one ``asyncio.Protocol`` per connection. Each connection's
-requests are handled in order and each request atomically, because the engine
-is only touched from the loop thread. A client that sends half a request holds
+One event loop; each connection is a non-blocking socket registered with the
+loop's ``add_reader`` (``_Connection`` says why not asyncio's transports).
+Each connection's requests are handled in order and each request atomically,
+because the engine is only touched from the loop thread. A client that sends half a request holds
 only its own buffer; nobody else waits for it (torch's legacy server blocks
 everyone).
 
@@ -49,7 +50,7 @@ test per request. When on, the hooks are, and should stay, only these:
   time is ``perf_counter_ns`` chained from request to request. Measured
   (``benchmarks/bench_metrics.py``) at 0.6-0.7 us per request;
 * ``StoreServer._admit``: ``accepted`` / ``refused``;
-* ``_Connection.connection_lost``: ``closed(reason, bytes received)``, the
+* ``_Connection._lost``: ``closed(reason, bytes received)``, the
   reason set by ``close(..., why=)`` (or "eof"/"reset" when the peer ended it);
 * ``_Connection._notify``: ``released`` per waiter released.
 
@@ -64,6 +65,7 @@ import errno
 import logging
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable
 from time import perf_counter_ns
 from typing import cast
@@ -84,23 +86,33 @@ DEFAULT_MAX_BUFFERED = 1 << 30  # 1 GiB of incomplete requests, all connections 
 DEFAULT_REQUEST_TIMEOUT = 300.0  # torch's default store timeout: its client has given up by then
 _READ_BUFFER = 256 * 1024  # one recv_into, shared by all connections (asyncio's own read size)
 _REPLY_BATCH = 1 << 20  # flush replies (and check backpressure) every MiB of a pipelined batch
+_JOIN_BELOW = 64 * 1024  # pipelined replies smaller than this in all are joined into one send
+_HIGH_WATER = 64 * 1024  # unsent reply bytes above which we stop reading (asyncio's default too)
+_ACCEPT_BATCH = 512  # connections accepted per wake-up of a listener
+_ACCEPT_RETRY = 0.5  # seconds before accepting again after EMFILE/ENFILE/ENOBUFS/ENOMEM
 # TCP keepalive on accepted sockets: a peer whose host died is dropped after ~2 min of silence
 # (idle + interval * count), while a live idle peer answers the probes and is kept forever.
-# Set once on the listening socket: Linux copies these options to every accepted socket, which
-# saves four setsockopt calls per connection in a connection storm.
 _KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
 
 
-def _enable_keepalive(sock: socket.socket) -> None:
+def _tune_listener(sock: socket.socket) -> None:
+    """Keepalive and TCP_NODELAY, set once on the listening socket.
+
+    Linux copies both to every accepted socket, which saves five setsockopt calls per
+    connection in a connection storm (``tests/test_reliability_hostile.py`` checks that the
+    accepted sockets have them). NODELAY: replies are single small writes that must not wait
+    for the peer's delayed ACK (asyncio's transports set it per connection for the same reason).
+    """
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for name, value in _KEEPALIVE:
             if hasattr(socket, name):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
     except OSError:
-        pass  # keepalive is a safety net, not a requirement
+        pass  # both are optimisations and safety nets, not requirements
 _Q = p.QueryType
 
 
@@ -113,30 +125,54 @@ def _listen_backlog() -> int:
     return max(somaxconn, 4096)
 
 
-class _Connection(asyncio.BufferedProtocol):
-    """One client connection: decode requests, run them on the engine, write replies.
+class _Connection:
+    """One client connection on a raw non-blocking socket: decode requests, run them, send replies.
 
-    A ``BufferedProtocol``: the transport ``recv_into``s the server's one shared
-    read buffer and we copy what arrived into this connection's decoder. With a
-    plain ``Protocol`` the transport allocates a fresh 256 KiB ``bytes`` for
-    every read, which glibc serves with mmap + mremap + munmap: three extra
-    syscalls and page faults per request, measured at ~20% of the server's
-    time per small request (strace: 1 mmap, 1 mremap, 1 munmap per ADD).
+    Why not asyncio's transports and protocols: per small request, the transport layer
+    (``_read_ready``, ``get_buffer``/``buffer_updated``, ``write``'s buffering and flow control)
+    costs about as much Python as decoding and running the request. Measured side by side on
+    this machine kind (``benchmarks/floor_servers.py``), an asyncio ``BufferedProtocol`` echo
+    server spends about twice the CPU per request of the same echo on ``loop.add_reader`` +
+    ``recv_into`` + ``send``. The loop still owns readiness, so the server embeds in any running
+    selector-based loop (asyncio's default on Unix, and uvloop).
+
+    What the transport used to do for us, and where it went:
+
+    * reading: ``_on_readable`` ``recv_into``s the server's one shared read buffer and copies
+      what arrived into this connection's decoder (a fresh ``bytes`` per read would cost glibc
+      an mmap/mremap/munmap per request at asyncio's 256 KiB read size);
+    * writing: ``_send`` tries ``send`` at once (nearly always complete for small replies), and
+      only what the kernel did not take is queued, as memoryviews, for ``_on_writable``;
+    * flow control: when more than ``_HIGH_WATER`` bytes of replies are queued (a client that
+      does not read them), reading stops until the queue drains, so replies cannot pile up;
+    * teardown: a send error never tears the connection down in the middle of someone else's
+      request (``_notify`` runs inside another connection's SET); ``_fail`` defers it to the
+      next loop iteration, as asyncio's transports do.
     """
 
-    def __init__(self, server: StoreServer) -> None:
+    __slots__ = (
+        "_server", "_loop", "_engine", "_decoder", "_start", "_fast", "_validated", "_magic", "_auth",
+        "_waiters", "_sock", "_fd", "peer", "_paused", "_rx", "_held", "_stall", "_out", "_metrics",
+        "_admitted", "_why", "_queue", "_queued", "_reading", "_writing", "_closing", "_closed",
+    )  # fmt: skip
+
+    def __init__(self, server: StoreServer, sock: socket.socket | None = None, peer: str = "?") -> None:
         self._server = server
+        # Set by StoreServer.start before any connection is accepted (None only for the
+        # in-process benchmark's connection, which never touches the loop).
+        self._loop = cast(asyncio.AbstractEventLoop, server._loop)
         self._engine = server.engine
         self._decoder = p.StreamDecoder(server.limits.max_request)
-        self._start = lambda: p.read_request(server.limits)
+        self._start = server._start_parser
         self._fast = server._fast_parser
         self._validated = False  # True once every request type may be served
         self._magic = False  # VALIDATE seen (with a secret, the check must follow)
         self._auth = server.auth
         self._waiters: list[Waiter] = []
-        self._transport: asyncio.Transport | None = None
-        self.peer = "?"
-        self._paused = False  # reading paused because the client does not read its replies
+        self._sock = sock  # None only for in-process benchmarks that feed _received directly
+        self._fd = -1 if sock is None else sock.fileno()
+        self.peer = peer
+        self._paused = False  # reading stopped because the client does not read its replies
         self._rx = 0  # bytes received, to tell a stalled request from a slow one
         self._held = 0  # bytes of an incomplete request, counted in server.buffered
         self._stall: asyncio.TimerHandle | None = None
@@ -146,49 +182,63 @@ class _Connection(asyncio.BufferedProtocol):
         self._metrics = server.metrics  # None: metrics off
         self._admitted = False
         self._why: str | None = None  # why we closed it (a metrics.CLOSE_REASONS key)
+        self._queue: deque[bytes | memoryview] = deque()  # replies the kernel has not taken yet
+        self._queued = 0  # their bytes
+        self._reading = False  # registered with loop.add_reader
+        self._writing = False  # registered with loop.add_writer
+        self._closing = False  # no more requests; the socket closes once the queue is sent
+        self._closed = False  # socket closed, waiters dropped, server forgot us
 
-    # -- asyncio callbacks -------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A cast, not an isinstance check: uvloop's transports are not asyncio.Transport subclasses.
-        self._transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        if not self._server._admit(self):
-            self._transport.abort()
+    # -- readiness callbacks -----------------------------------------------------------------
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        buffer = self._server._read_buffer
+        try:
+            nbytes = self._sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:  # ECONNRESET and friends
+            self._lost(exc)
+            return
+        if not nbytes:  # EOF: what was received has been answered; send the rest and close
+            self._shutdown()
+            return
+        self._received(nbytes)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._held:
-            log.warning("connection from %s lost in the middle of a request (%d bytes received)", self.peer, self._held)
-        self._drop_waiters()
-        self._release()
-        self._server._forget(self)
-        if self._metrics is not None and self._admitted:
-            self._metrics.closed(self._why or ("eof" if exc is None else "reset"), self._rx)
-
-    def pause_writing(self) -> None:
-        # The client is not reading its replies: stop reading its requests until it does.
-        self._paused = True
-        if self._transport is not None:
-            self._transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
-            if self._decoder.buffered or self._held:
-                self._process()  # requests that arrived while we stopped answering
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # Shared by all connections of this server: every stdlib transport (and uvloop)
-        # calls buffer_updated synchronously after filling it, before any other read.
-        return self._server._read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
+    def _received(self, nbytes: int) -> None:
+        """``nbytes`` new bytes are at the start of the server's read buffer."""
         self._rx += nbytes
         self._decoder.feed(self._server._read_buffer[:nbytes])
         self._process(nbytes)
 
+    def _on_writable(self) -> None:
+        assert self._sock is not None
+        queue = self._queue
+        try:
+            while queue:
+                first = queue[0]
+                sent = self._sock.send(first)
+                self._queued -= sent
+                if sent < len(first):
+                    queue[0] = memoryview(first)[sent:]
+                    return
+                queue.popleft()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        self._loop.remove_writer(self._fd)
+        self._writing = False
+        if self._closing:
+            self._lost(None)
+        elif self._paused:  # the client read its replies: serve what arrived meanwhile
+            self._paused = False
+            self._start_reading()
+            if self._decoder.buffered or self._held:
+                self._process()
+
+    # -- requests ----------------------------------------------------------------------------
     def _process(self, fed: int = 0) -> None:
         decoder = self._decoder
         replies: list[bytes] = []
@@ -221,23 +271,59 @@ class _Connection(asyncio.BufferedProtocol):
                     replies.append(reply)
                     size += len(reply)
                     if size >= _REPLY_BATCH:
-                        self._flush(replies)  # may pause us (pause_writing)
+                        self._out = None
+                        self._send_all(replies, size)  # may pause reading
                         replies = self._out = []
                         size = 0
-                        if self._paused:
-                            break  # the rest stays in the decoder until resume_writing
+                        if self._paused or self._closing:
+                            break  # the rest stays in the decoder until the client reads
         except (p.ProtocolError, ValueError) as exc:
             self._out = None
-            self._flush(replies)
+            self._send_all(replies, size)
             self.close(str(exc), why="malformed" if isinstance(exc, p.ProtocolError) else "invalid")
             return
         self._out = None
-        self._flush(replies)
+        if replies:
+            self._send_all(replies, size)
         # Bytes held by an incomplete request (the decoder's buffer plus the fields its
         # parser already consumed). Zero after every complete request: one check then.
         held = decoder.held
         if held or self._held:
             self._account(held)
+
+    # -- replies -----------------------------------------------------------------------------
+    def _send_all(self, replies: list[bytes], size: int) -> None:
+        if not replies:
+            return
+        if len(replies) == 1:
+            self._send(replies[0])
+        elif size < _JOIN_BELOW:
+            self._send(b"".join(replies))  # one small copy beats one iovec per reply
+        else:
+            for reply in replies:  # big replies: queue them as they are, no joined copy
+                self._send(reply)
+
+    def _send(self, data: bytes | memoryview) -> None:
+        if self._closed or self._sock is None:
+            return
+        if not self._queue:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fail(exc)
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+            self._loop.add_writer(self._fd, self._on_writable)
+            self._writing = True
+        self._queue.append(data)
+        self._queued += len(data)
+        if self._queued > _HIGH_WATER and not self._paused:
+            self._paused = True  # the client is not reading its replies: stop reading its requests
+            self._stop_reading()
 
     # -- incomplete requests: server-wide budget and stall timeout ---------------------------
     def _account(self, held: int) -> None:
@@ -256,18 +342,17 @@ class _Connection(asyncio.BufferedProtocol):
                 why="budget",
             )
             return
-        if self._stall is None and server.request_timeout is not None and self._transport is not None:
-            loop = asyncio.get_running_loop()
-            self._stall = loop.call_later(server.request_timeout, self._check_stall, self._rx)
+        if self._stall is None and server.request_timeout is not None and not self._closing:
+            self._stall = self._loop.call_later(server.request_timeout, self._check_stall, self._rx)
 
     def _check_stall(self, rx_then: int) -> None:
         self._stall = None
-        if not self._held or self._transport is None or self._transport.is_closing():
+        if not self._held or self._closing:
             return
         timeout = self._server.request_timeout
         assert timeout is not None
         if self._paused or self._rx != rx_then:  # our fault, or the client is still sending
-            self._stall = asyncio.get_running_loop().call_later(timeout, self._check_stall, self._rx)
+            self._stall = self._loop.call_later(timeout, self._check_stall, self._rx)
             return
         self.close(f"incomplete request ({self._held} bytes) and nothing received for {timeout:g} s", why="stalled")
 
@@ -279,21 +364,62 @@ class _Connection(asyncio.BufferedProtocol):
             self._server.buffered -= self._held
             self._held = 0
 
-    # -- plumbing ----------------------------------------------------------------------------
-    def _flush(self, replies: list[bytes]) -> None:
-        if replies and self._transport is not None:
-            self._transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
+    # -- lifetime ----------------------------------------------------------------------------
+    def _start_reading(self) -> None:
+        if not self._reading and not self._closing and self._sock is not None:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
 
     def close(self, reason: str | None = None, why: str = "shutdown") -> None:
-        """Close this connection; ``reason`` is logged, ``why`` is the metrics' close reason."""
+        """Close this connection once its queued replies are sent; ``reason`` is logged, ``why`` is the metrics' close reason."""
         if self._why is None:
             self._why = why
         if reason is not None:
             log.warning("closing connection from %s: %s", self.peer, reason)
         self._drop_waiters()
         self._release()
-        if self._transport is not None:
-            self._transport.close()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        """Read no more; close the socket now, or once the queued replies are sent."""
+        self._closing = True
+        self._stop_reading()
+        if not self._queue:
+            self._lost(None)
+
+    def _fail(self, exc: OSError) -> None:
+        """A send failed: stop now, tear down on the next loop iteration (we may be inside another
+        connection's request, e.g. releasing its waiters)."""
+        if not self._closing:
+            self._closing = True
+            self._stop_reading()
+            self._loop.call_soon(self._lost, exc)
+
+    def _lost(self, exc: Exception | None) -> None:
+        """Tear down: unregister, close the socket, drop waiters, forget us. Idempotent."""
+        if self._closed:
+            return
+        self._closed = self._closing = True
+        self._stop_reading()
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        self._queue.clear()
+        self._queued = 0
+        if self._sock is not None:
+            self._sock.close()
+        if self._held:
+            log.warning("connection from %s lost in the middle of a request (%d bytes received)", self.peer, self._held)
+        self._drop_waiters()
+        self._release()
+        self._server._forget(self)
+        if self._metrics is not None and self._admitted:
+            self._metrics.closed(self._why or ("eof" if exc is None else "reset"), self._rx)
 
     def _handle(self, request: p.Request) -> bytes | None:
         op = request[0]
@@ -346,8 +472,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._metrics.released += 1
         if self._out is not None:
             self._out.append(b"\x00")  # released by a request of our own batch: keep the order
-        elif self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"\x00")  # STOP_WAITING
+        elif not self._closing:
+            self._send(b"\x00")  # STOP_WAITING
 
     def _register(self, waiter: Waiter | None) -> bytes | None:
         if waiter is None:
@@ -577,11 +703,14 @@ class StoreServer:
         self.buffered = 0  # bytes held by incomplete requests, all connections
         key = coerce_secret(secret)
         self.auth = None if key is None else AuthVerifier(key, allow_torch_clients)
-        self._read_buffer = memoryview(bytearray(_READ_BUFFER))  # see _Connection.get_buffer
+        self._read_buffer = memoryview(bytearray(_READ_BUFFER))  # see _Connection._on_readable
         self._fast_parser = p.fast_request_parser(limits)  # complete requests, without generators
+        self._start_parser = lambda: p.read_request(limits)  # the general (generator) parser
         self.engine = Engine()
         self._sock = sock
-        self._servers: list[asyncio.Server] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, set by start()
+        self._listeners: list[socket.socket] = []
+        self._stopped: asyncio.Future[None] | None = None  # serve_forever waits on it
         self._connections: set[_Connection] = set()
         self._cap_warned = False
         self.port = port
@@ -605,7 +734,7 @@ class StoreServer:
         Raises:
             Nothing.
         """
-        return [s.getsockname()[:2] for srv in self._servers for s in srv.sockets]
+        return [s.getsockname()[:2] for s in self._listeners]
 
     @property
     def metrics_addresses(self) -> list[tuple[str, int]]:
@@ -639,14 +768,16 @@ class StoreServer:
             RuntimeError: no event loop is running.
         """
         loop = asyncio.get_running_loop()
+        self._loop = loop
         socks = [self._sock] if self._sock is not None else self._bind()
         backlog = _listen_backlog()
         try:
             for sock in socks:
                 sock.setblocking(False)
-                _enable_keepalive(sock)
-                server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=backlog)
-                self._servers.append(server)
+                _tune_listener(sock)
+                sock.listen(backlog)
+                loop.add_reader(sock.fileno(), self._on_acceptable, sock)
+                self._listeners.append(sock)
             self.port = socks[0].getsockname()[1]
             if self._metrics_address is not None:
                 await self._start_metrics(*self._metrics_address)
@@ -694,32 +825,79 @@ class StoreServer:
     async def close(self) -> None:
         """Stop listening and close every connection; blocked clients see EOF immediately.
 
-        Also closes the metrics endpoint. Idempotent.
+        Replies the kernel has not yet taken are dropped (a client that does not read them
+        must not hold up a shutdown). Also closes the metrics endpoint. Idempotent.
 
         Raises:
             Nothing of its own.
         """
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(listener.fileno())
+            listener.close()
+        self._listeners.clear()
         for conn in list(self._connections):
             conn.close()
+            conn._lost(None)
         if self._metrics_endpoint is not None:
             await self._metrics_endpoint.close()
             self._metrics_endpoint = None
-        for server in self._servers:
-            await server.wait_closed()
-        self._servers.clear()
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
 
     async def serve_forever(self) -> None:
-        """``start()`` if not started, then serve until cancelled (or ``close()`` from another task).
+        """``start()`` if not started, then serve until ``close()`` (from another task) or cancelled.
+
+        Cancelling it closes the server, as ``close()`` does.
 
         Raises:
             StoreConnectionError: as ``start()``, when it had not been started.
             asyncio.CancelledError: the task was cancelled (the way to stop it).
         """
-        if not self._servers:
+        if not self._listeners:
             await self.start()
-        await asyncio.gather(*(s.serve_forever() for s in self._servers))
+        if self._stopped is None or self._stopped.done():
+            self._stopped = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.shield(self._stopped)
+        except asyncio.CancelledError:
+            await self.close()
+            raise
+
+    def _on_acceptable(self, listener: socket.socket) -> None:
+        # A batch per wake-up: in a storm thousands of connections wait in the backlog, and an
+        # epoll round trip per connection would double the cost of each. Bounded, so that a
+        # storm cannot starve the connections already being served.
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: the connections wait in the backlog meanwhile.
+                    log.warning(
+                        "cannot accept connections on %s:%s: %s; accepting again in %g s",
+                        *listener.getsockname()[:2],
+                        exc.strerror,
+                        _ACCEPT_RETRY,
+                    )
+                    assert self._loop is not None
+                    self._loop.remove_reader(listener.fileno())
+                    self._loop.call_later(_ACCEPT_RETRY, self._resume_accepting, listener)
+                    return
+                continue  # ECONNABORTED and the like: that one connection is gone, not the listener
+            sock.setblocking(False)
+            peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+            conn = _Connection(self, sock, peer)
+            if self._admit(conn):
+                conn._start_reading()
+            else:
+                sock.close()
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if listener in self._listeners and self._loop is not None:
+            self._loop.add_reader(listener.fileno(), self._on_acceptable, listener)
 
     def render_metrics(self) -> str:
         """The metrics in Prometheus's text format (0.0.4), as ``/metrics`` serves them.

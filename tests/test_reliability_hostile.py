@@ -263,15 +263,20 @@ def test_multi_get_reply_is_capped():
         sock.close()
 
 
-def test_accepted_sockets_use_tcp_keepalive():
+def test_accepted_sockets_use_tcp_keepalive_and_nodelay():
+    # Set on the listening socket only; this checks that the accepted socket inherited them.
     with background_server() as bg:
         sock = raw_client(bg.port)
         opts = on_loop(
             bg,
             lambda: [
-                c._transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+                (
+                    c._sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    c._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
+                    c._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                )
                 for c in bg.server._connections
             ],
         )
-        assert opts == [1]
+        assert opts == [(1, True, 60)]
         sock.close()
