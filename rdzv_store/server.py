@@ -208,7 +208,9 @@ class _Connection:
     def _received(self, nbytes: int) -> None:
         """``nbytes`` new bytes are at the start of the server's read buffer."""
         self._rx += nbytes
-        self._decoder.feed(self._server._read_buffer[:nbytes])
+        # Lent, not copied: _process hands it back (decode's NEED_DATA, or keep()) before
+        # any other connection reads into the shared buffer.
+        self._decoder.lend(self._server._read_bytes, nbytes)
         self._process(nbytes)
 
     def _on_writable(self) -> None:
@@ -282,6 +284,8 @@ class _Connection:
             self._send_all(replies, size)
             self.close(str(exc), why="malformed" if isinstance(exc, p.ProtocolError) else "invalid")
             return
+        finally:
+            decoder.keep()  # the shared read buffer is the next connection's after we return
         self._out = None
         if replies:
             self._send_all(replies, size)
@@ -703,7 +707,8 @@ class StoreServer:
         self.buffered = 0  # bytes held by incomplete requests, all connections
         key = coerce_secret(secret)
         self.auth = None if key is None else AuthVerifier(key, allow_torch_clients)
-        self._read_buffer = memoryview(bytearray(_READ_BUFFER))  # see _Connection._on_readable
+        self._read_bytes = bytearray(_READ_BUFFER)  # see _Connection._on_readable and _received
+        self._read_buffer = memoryview(self._read_bytes)
         self._fast_parser = p.fast_request_parser(limits)  # complete requests, without generators
         self._start_parser = lambda: p.read_request(limits)  # the general (generator) parser
         self.engine = Engine()

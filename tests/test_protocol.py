@@ -71,6 +71,42 @@ def test_pipelined_requests_parse_identically_under_any_split(reqs, cuts):
     assert decode_all(split(stream, cuts)) == [expected for _, expected in reqs]
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(requests(), min_size=1, max_size=8),
+    st.lists(st.integers(0, 10_000), max_size=12),
+    st.lists(st.integers(0, 3), max_size=12),
+)
+def test_lent_buffer_parses_identically_and_is_never_read_after_it_is_handed_back(reqs, cuts, stops):
+    # The server's way: every chunk is received into ONE shared buffer and lent to the decoder,
+    # which parses complete requests (fast parser) straight out of it. After NEED_DATA, or
+    # keep() when the server stops early (backpressure), the buffer is scribbled over, as the
+    # next connection's recv_into would: any byte read after that would corrupt a request.
+    limits = p.Limits()
+    start = lambda: p.read_request(limits)  # noqa: E731
+    fast = p.fast_request_parser(limits)
+    decoder = p.StreamDecoder(limits.max_request)
+    shared = bytearray(20_000)
+    stream = b"".join(wire for wire, _ in reqs)
+    out = []
+    for index, chunk in enumerate(split(stream, cuts)):
+        shared[: len(chunk)] = chunk
+        decoder.lend(shared, len(chunk))
+        budget = stops[index] if index < len(stops) and stops[index] else None  # requests before an early stop
+        while budget is None or budget > 0:
+            request = decoder.decode(start, fast)
+            if request is p.NEED_DATA:
+                break
+            out.append(request)
+            budget = None if budget is None else budget - 1
+        decoder.keep()
+        shared[:] = b"\xee" * len(shared)
+    while (request := decoder.decode(start, fast)) is not p.NEED_DATA:  # what the early stops left
+        out.append(request)
+    assert out == [expected for _, expected in reqs]
+    assert not decoder.in_message
+
+
 @settings(max_examples=100, deadline=None)
 @given(requests())
 def test_byte_at_a_time_is_the_same_as_all_at_once(req):
