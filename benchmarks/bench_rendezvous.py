@@ -19,7 +19,10 @@ Runs alternate between pairings within each repetition; medians of the repetitio
 with their spread (half of max-min over the median) and the load average before and after. The
 torch side runs in an interpreter that has torch (this one, or ``/work/venv-torch/bin/python``).
 Writes ``rendezvous.md`` and ``rendezvous.json`` into ``--out`` (default ``benchmarks/results``).
-Every process is stopped in a ``finally``; every wait is bounded.
+Every process is stopped in a ``finally``, also when the run is interrupted: SIGINT, SIGTERM and
+SIGHUP unwind through those ``finally`` blocks, an exit hook stops whatever is still tracked, and
+each child has ``PR_SET_PDEATHSIG`` so that it stops even if this runner is killed with SIGKILL.
+Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ if __name__ == "__main__" and not __package__:  # `python benchmarks/bench_rende
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "benchmarks"
 
-from .common import HERE, REPO, machine_info, start_server, stop_process, summarize
+from .common import HERE, REPO, install_cleanup, machine_info, spawn, start_server, stop_process, summarize
 
 PAIRS = [("ours", "ours"), ("torch", "torch"), ("torch", "ours")]
 RUN_TIMEOUT = 150.0
@@ -180,9 +183,9 @@ def run_once(handler: str, server_impl: str, n: int, torch_python: str | None) -
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         for _ in range(procs_n):
             spec = json.dumps({"impl": handler, "port": srv.port, "threads": threads, "n": n, "run_id": run_id})
-            workers.append(subprocess.Popen(
+            workers.append(spawn(
                 [python, "-m", "benchmarks.bench_rendezvous", "--worker", spec], cwd=str(REPO), env=env,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             ))
         deadline = time.monotonic() + 120
         for w in workers:
@@ -218,8 +221,8 @@ def _start(server_impl: str, torch_python: str | None) -> Any:
     # torch's server from the torch interpreter (start_server uses sys.executable)
     from .common import _child_env, _read_port, ServerProc
 
-    proc = subprocess.Popen([torch_python or sys.executable, str(HERE / "_procs.py"), "torch-serve"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env(), start_new_session=True)
+    proc = spawn([torch_python or sys.executable, str(HERE / "_procs.py"), "torch-serve"],
+                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env())
     try:
         port = _read_port(proc, r"port (\d+)", 60)
     except BaseException:
@@ -246,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         return _worker(json.loads(args.worker))
+    install_cleanup()  # SIGTERM/SIGHUP unwind like Ctrl-C: the server and the workers are stopped
     sizes = [8, 32] if args.quick else [int(s) for s in args.sizes.split(",")]
     reps = 2 if args.quick else args.reps
     torch_python = None if args.no_torch else _torch_python()

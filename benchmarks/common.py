@@ -189,6 +189,59 @@ def _read_port(proc: subprocess.Popen, pattern: str, timeout: float) -> int:
 SERVER_LOOP = "asyncio"  # our server's event loop; run.py sets it from --server-loop
 
 
+# -- every process a benchmark starts is tracked, and stopped even when the run is interrupted ---
+
+_LIVE: set[subprocess.Popen] = set()
+_CLEANUP_INSTALLED = False
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
+    """``subprocess.Popen`` in a new session, tracked until :func:`stop_process`.
+
+    The child gets ``PR_SET_PDEATHSIG(SIGTERM)``, so it is stopped even if the runner dies by
+    SIGKILL; :func:`install_cleanup` stops tracked children on SIGINT/SIGTERM/SIGHUP and at exit.
+    """
+    kwargs.setdefault("start_new_session", True)
+    kwargs.setdefault("preexec_fn", _pdeathsig)
+    proc = subprocess.Popen(cmd, **kwargs)
+    _LIVE.add(proc)
+    return proc
+
+
+def stop_all() -> None:
+    """Stop every tracked process that is still running (the runner's last resort)."""
+    for proc in list(_LIVE):
+        with contextlib.suppress(Exception):
+            stop_process(proc, timeout=3.0)
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    # SystemExit unwinds through every ``finally`` (servers, workers); stop_all at exit catches the rest
+    signal.signal(signum, signal.SIG_DFL)  # a second signal kills at once
+    raise SystemExit(128 + signum)
+
+
+def install_cleanup() -> None:
+    """SIGTERM and SIGHUP unwind like SIGINT does; at exit every tracked child is stopped."""
+    global _CLEANUP_INSTALLED
+    if _CLEANUP_INSTALLED:
+        return
+    import atexit
+
+    _CLEANUP_INSTALLED = True
+    atexit.register(stop_all)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread: leave as is
+            signal.signal(sig, _on_signal)
+
+
 def start_server(impl: str, timeout: float = 60.0) -> ServerProc:
     """Start a fresh server process: ``ours`` (rdzv_store serve) or ``torch`` (libuv TCPStore)."""
     if impl == "ours":
@@ -198,10 +251,12 @@ def start_server(impl: str, timeout: float = 60.0) -> ServerProc:
     elif impl == "torch":
         cmd = [sys.executable, str(HERE / "_procs.py"), "torch-serve"]
         pattern = r"port (\d+)"
+    elif impl in ("echo", "raw"):  # the floor: bare asyncio servers (benchmarks/floor_servers.py)
+        cmd = [sys.executable, str(HERE / "floor_servers.py"), impl]
+        pattern = r"port (\d+)"
     else:
         raise ValueError(impl)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env(),
-                            start_new_session=True)
+    proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env())
     try:
         port = _read_port(proc, pattern, timeout)
     except BaseException:
@@ -217,8 +272,7 @@ def start_master(impl: str, port: int, world_size: int, timeout: float = 60.0) -
     accepts connections, so the caller can start the clients right away.
     """
     cmd = [sys.executable, str(HERE / "_procs.py"), f"{impl}-master", str(port), str(world_size)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env(),
-                            start_new_session=True)
+    proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env())
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -235,6 +289,7 @@ def start_master(impl: str, port: int, world_size: int, timeout: float = 60.0) -
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    _LIVE.discard(proc)
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
@@ -244,8 +299,35 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait(timeout=timeout)
-    if proc.stdout is not None:
-        proc.stdout.close()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+
+# -- a process's own CPU time, from /proc ----------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of the whole process (all threads), in clock ticks, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), after pid and comm
+
+
+def cpu_sched_ns(pid: int) -> int | None:
+    """Sum of the threads' run time in ns (/proc/<pid>/task/*/schedstat): a finer cross-check."""
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+    except OSError:
+        return None
+    return total
 
 
 @contextlib.contextmanager
@@ -315,6 +397,10 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "somaxconn": _read("/proc/sys/net/core/somaxconn"),
+        "tcp_max_syn_backlog": _read("/proc/sys/net/ipv4/tcp_max_syn_backlog"),
+        "ip_local_port_range": " ".join(_read("/proc/sys/net/ipv4/ip_local_port_range").split()),
+        "pids_max": _read("/sys/fs/cgroup/pids.max"),
+        "clk_tck": CLK_TCK,
         "nofile": _nofile(),
         "loadavg_start": _read("/proc/loadavg"),
         "dns_shim": shim_status(),
@@ -362,11 +448,20 @@ def _git_rev() -> str:
         return "?"
 
 
-def raise_nofile(target: int = 20000) -> None:
-    with contextlib.suppress(Exception):
+def raise_nofile(target: int | None = None) -> int:
+    """Raise the soft RLIMIT_NOFILE to ``target`` (default: as far as the hard limit allows).
+
+    Children (servers, masters, forked client processes) inherit it, so each process gets its
+    own budget of that many descriptors. Returns the soft limit in force afterwards.
+    """
+    try:
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = min(max(soft, target), hard)
+        limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        want = min(max(soft, target or limit), limit)
         if want > soft:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except Exception:  # pragma: no cover
+        return 0
