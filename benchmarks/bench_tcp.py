@@ -219,3 +219,153 @@ def _fair(counts: list[int]) -> float:
     """Largest relative deviation of one client's op count from the mean."""
     mean = sum(counts) / len(counts) if counts else 0
     return max(abs(c - mean) / mean for c in counts) if mean else 0.0
+
+
+# -- server CPU per request ------------------------------------------------------------------
+
+CPU_OPS = ["add", "check", "compare_set", "set+check"]
+FLOORS = ["echo", "raw"]
+
+
+class _CountingProxy:
+    """A one-connection loopback TCP proxy that counts the bytes each way (calibrates the floor)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import socket
+
+        self.upstream_port = upstream_port
+        self.up = self.down = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _accept(self) -> None:
+        import socket
+
+        self.listener.settimeout(60)
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        server_ = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=60)
+        for s in (client, server_):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.settimeout(None)
+        for src, dst, up in ((client, server_, True), (server_, client, False)):
+            t = threading.Thread(target=self._pump, args=(src, dst, up), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _pump(self, src: Any, dst: Any, up: bool) -> None:
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if up:  # counted before forwarding: once the reply is back, both counts are final
+                    self.up += len(data)
+                else:
+                    self.down += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(2)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _cpu_ops(store: Any, value: bytes, tag: str) -> dict[str, Any]:
+    ops = _ops(store, value, tag)
+    return {op: ops[op] for op in CPU_OPS}
+
+
+def wire_sizes(port: int, value: bytes, calls: int = 50) -> dict[str, tuple[int, int]]:
+    """Bytes per operation each way (request, reply) of our client against our server, via a proxy."""
+    proxy = _CountingProxy(port)
+    store = make_client("ours", proxy.port)
+    sizes: dict[str, tuple[int, int]] = {}
+    try:
+        ops = _cpu_ops(store, value, "wire")
+        for op in CPU_OPS:
+            ops[op]()  # warm-up
+            up0, down0 = proxy.up, proxy.down
+            for _ in range(calls):
+                ops[op]()
+            sizes[op] = (round((proxy.up - up0) / calls), round((proxy.down - down0) / calls))
+    finally:
+        close_client(store)
+        proxy.close()
+    return sizes
+
+
+def _measure_cpu(pid: int, fn: Any, count: int) -> dict[str, float]:
+    """Run ``fn`` ``count`` times; the server's CPU (from /proc) and the wall time per call, in µs."""
+    from .common import CLK_TCK, cpu_sched_ns, cpu_ticks
+
+    for _ in range(min(200, count)):  # warm-up
+        fn()
+    ticks0, ns0 = cpu_ticks(pid), cpu_sched_ns(pid)
+    t0 = time.perf_counter_ns()
+    for _ in range(count):
+        fn()
+    wall = time.perf_counter_ns() - t0
+    ticks1, ns1 = cpu_ticks(pid), cpu_sched_ns(pid)
+    out = {
+        "cpu_us": (ticks1 - ticks0) * 1e6 / CLK_TCK / count,
+        "wall_us": wall / 1e3 / count,
+        "cpu_ticks": ticks1 - ticks0,
+    }
+    if ns0 is not None and ns1 is not None:
+        out["sched_us"] = (ns1 - ns0) / 1e3 / count
+    return out
+
+
+def server_cpu(impls: list[str], reps: int, count: int) -> dict[str, Any]:
+    """Server CPU per request (utime+stime of the server process, /proc/<pid>/stat) for small ops.
+
+    ``count`` sequential calls per op from one client, 1 KiB values; set+check counts as one
+    request (one round trip: set has no reply). The floor servers (``echo``, ``raw``:
+    benchmarks/floor_servers.py) get the same count of requests with the same request and reply
+    sizes, measured on the wire of our client and server by a counting proxy before the reps.
+    All servers are fresh separate processes started once; the order alternates per repetition.
+    """
+    from .floor_servers import FloorClient
+
+    value = bytes(range(256)) * 4
+    kinds = [*impls, *FLOORS]
+    raw: dict[str, dict[str, list[dict]]] = {k: {op: [] for op in CPU_OPS} for k in kinds}
+    with contextlib.ExitStack() as stack:
+        servers = {k: stack.enter_context(server(k)) for k in kinds}
+        sizes = wire_sizes(servers["ours"].port, value)
+        for rep in range(reps):
+            for kind in _order(kinds, rep):
+                srv = servers[kind]
+                if kind in FLOORS:
+                    for op in CPU_OPS:
+                        client = FloorClient(srv.port, *sizes[op])
+                        try:
+                            raw[kind][op].append(_measure_cpu(srv.pid, client.request, count))
+                        finally:
+                            client.close()
+                    continue
+                store = make_client(kind, srv.port)
+                try:
+                    ops = _cpu_ops(store, value, f"cpu{rep}")
+                    for op in CPU_OPS:
+                        raw[kind][op].append(_measure_cpu(srv.pid, ops[op], count))
+                finally:
+                    close_client(store)
+    out: dict[str, Any] = {"requests": count, "sizes": {op: list(sz) for op, sz in sizes.items()}, "ops": {}}
+    for kind, per_op in raw.items():
+        for op, rows in per_op.items():
+            out["ops"].setdefault(op, {})[kind] = {
+                metric: summarize([r[metric] for r in rows if metric in r])
+                for metric in ("cpu_us", "sched_us", "wall_us")
+            }
+    return out
