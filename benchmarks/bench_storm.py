@@ -21,6 +21,7 @@ import re
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from .common import (
@@ -38,6 +39,72 @@ from .workers import run_forked
 
 PAIRS = [("torch", "torch"), ("torch", "ours"), ("ours", "ours")]
 STORE_TIMEOUT = 120.0
+FD_MARGIN = 128  # descriptors a process needs besides its connections (pipes, libraries, listener)
+THREAD_STACK = 512 * 1024
+
+
+# -- when the machine, not the store, is the limit ------------------------------------------------
+
+
+def _int_file(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def machine_limit(n: int, processes: int, threads: bool = True) -> str | None:
+    """Why this machine cannot hold ``n`` client connections to one server, or None if it can.
+
+    The server process holds ``n`` connections, each of ``processes`` client processes ``n /
+    processes``, all under the RLIMIT_NOFILE the runner raised as far as the hard limit allows;
+    every connection to the one server port needs its own ephemeral source port (torch's client
+    cannot pick a source address, so 127.0.0.x aliases do not help it); every client is a thread.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    per = -(-n // max(1, processes))
+    if n + FD_MARGIN > soft:
+        return (f"machine limit: RLIMIT_NOFILE {soft} (hard {hard}) < {n} server connections + {FD_MARGIN}; "
+                "raise the hard limit (ulimit -Hn)")
+    if per + FD_MARGIN > soft:
+        return f"machine limit: RLIMIT_NOFILE {soft} < {per} connections per client process + {FD_MARGIN}"
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        if n > hi - lo + 1:
+            return (f"machine limit: {n} connections to one port need {n} ephemeral ports, "
+                    f"net.ipv4.ip_local_port_range has {hi - lo + 1}")
+    except (OSError, ValueError):
+        pass
+    if threads:
+        pids_max = _int_file("/sys/fs/cgroup/pids.max")
+        pids_now = _int_file("/sys/fs/cgroup/pids.current") or 0
+        threads_max = _int_file("/proc/sys/kernel/threads-max")
+        need = n + 4 * processes + 64
+        for name, cap, used in (("cgroup pids.max", pids_max, pids_now), ("kernel.threads-max", threads_max, 0)):
+            if cap is not None and used + need > cap:
+                return f"machine limit: {n} client threads + {used} tasks in use > {name} {cap}"
+    avail = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    need_bytes = n * 256 * 1024  # generous: a client thread + two socket ends + server-side state
+    if avail is not None and need_bytes > avail:
+        return f"machine limit: ~{need_bytes >> 20} MiB needed for {n} clients, {avail >> 20} MiB available"
+    return None
+
+
+_MACHINE_ERRORS = ("Too many open files", "Cannot assign requested address", "Cannot allocate memory",
+                   "can't start new thread", "EMFILE", "ENFILE",
+                   "EADDRNOTAVAIL", "ENOMEM", "No buffer space available", "too many open files")
+
+
+def machine_error(message: str | None) -> bool:
+    """An error that the machine (descriptors, ports, memory, threads) raised, not the store."""
+    return bool(message) and any(m in message for m in _MACHINE_ERRORS)
 
 
 def pair_name(client: str, srv: str) -> str:
@@ -47,7 +114,7 @@ def pair_name(client: str, srv: str) -> str:
 def _storm_worker(index: int, ready: Any, go: Any, impl: str, port: int, n_total: int, per_proc: int,
                   mode: str, bound: float) -> dict[str, Any]:
     """One process of the storm: ``per_proc`` threads, one client each."""
-    threading.stack_size(512 * 1024)
+    threading.stack_size(THREAD_STACK)
     start = threading.Event()
     release = threading.Event()
     results: list[tuple[float, float, str | None]] = []
@@ -80,13 +147,21 @@ def _storm_worker(index: int, ready: Any, go: Any, impl: str, port: int, n_total
             release.wait(bound)  # keep the connection open until the master has returned
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(per_proc)]
+    started = 0
+    thread_error = None
     for t in threads:
-        t.start()
+        try:
+            t.start()
+        except RuntimeError as exc:  # "can't start new thread": the machine's limit, reported as such
+            thread_error = f"{type(exc).__name__}: {exc}"
+            break
+        started += 1
+    threads = threads[:started]
     ready.release()
     go.wait()
     start.set()
     deadline = time.monotonic() + bound
-    while len(results) < per_proc and time.monotonic() < deadline:
+    while len(results) < started and time.monotonic() < deadline:
         time.sleep(0.005)
     if mode == "init":
         # the parent tells us when the master returned by closing the master; bounded anyway
@@ -101,11 +176,15 @@ def _storm_worker(index: int, ready: Any, go: Any, impl: str, port: int, n_total
             close_client(store)
         rows = list(results)
     errors = [e for _, _, e in rows if e]
+    if thread_error:
+        errors.insert(0, thread_error)
     return {
         "connect": [c for c, _, e in rows if not e],
         "done": [d for _, d, e in rows if not e],
-        "errors": len(errors) + (per_proc - len(rows)),
+        "errors": len(errors) - (1 if thread_error else 0) + (per_proc - len(rows)),
         "first_error": errors[0] if errors else None,
+        "machine_errors": sum(1 for e in errors[1 if thread_error else 0:] if machine_error(e))
+        + (per_proc - started if thread_error else 0),
     }
 
 
@@ -130,16 +209,18 @@ def _run_clients(client: str, port: int, n: int, mode: str, processes: int, boun
 def _summary_from(t0: float, results: list[Any], per: int, end: float | None = None) -> dict[str, Any]:
     connect: list[float] = []
     done: list[float] = []
-    errors = 0
+    errors = machine = 0
     first = None
     for r in results:
         if isinstance(r, dict):
             connect += r["connect"]
             done += r["done"]
             errors += r["errors"]
+            machine += r.get("machine_errors", 0)
             first = first or r["first_error"]
         else:  # the whole process failed: all its clients count as errors
             errors += per
+            machine += per if machine_error(str(r)) else 0
             first = first or str(r)
     connect.sort()
     ok = len(connect)
@@ -150,6 +231,7 @@ def _summary_from(t0: float, results: list[Any], per: int, end: float | None = N
         "connect_p50_ms": connect[ok // 2] * 1e3 if ok else None,
         "connect_max_ms": connect[-1] * 1e3 if ok else None,
         "errors": errors,
+        "machine_errors": machine,
         "first_error": first,
     }
 
@@ -217,6 +299,11 @@ def storms(pairs: list[tuple[str, str]], sizes: list[int], reps_for: Any, proces
     once = storm_once if mode == "storm" else init_once
     out: dict[str, Any] = {}
     for n in sizes:
+        limit = machine_limit(n, min(processes, n))
+        if limit:  # not run: reported as the machine's limit, not as the store's errors
+            out[str(n)] = {pair_name(*p): {"machine_limit": limit, "errors": 0, "reps": 0} for p in pairs}
+            print(f"[bench] {mode} N={n}: {limit}", flush=True)
+            continue
         per_pair: dict[str, list[dict]] = {pair_name(*p): [] for p in pairs}
         for rep in range(reps_for(n)):
             order = pairs if rep % 2 == 0 else list(reversed(pairs))
@@ -224,18 +311,25 @@ def storms(pairs: list[tuple[str, str]], sizes: list[int], reps_for: Any, proces
                 try:
                     res = once(client, srv, n, processes, bound)
                 except Exception as exc:  # a failed repetition is reported, never fatal
-                    res = {"wall_s": None, "errors": n, "first_error": f"{type(exc).__name__}: {exc}"[:200]}
+                    msg = f"{type(exc).__name__}: {exc}"[:200]
+                    res = {"wall_s": None, "errors": n, "machine_errors": n if machine_error(msg) else 0,
+                           "first_error": msg}
                 per_pair[pair_name(client, srv)].append(res)
         cell: dict[str, Any] = {}
         for name, rows in per_pair.items():
+            errors = sum(r.get("errors", 0) for r in rows)
+            machine = sum(r.get("machine_errors", 0) for r in rows)
             cell[name] = {
                 "wall_s": summarize([r["wall_s"] for r in rows if r.get("wall_s") is not None]),
                 "connect_p50_ms": summarize([r["connect_p50_ms"] for r in rows if r.get("connect_p50_ms")]),
                 "connect_max_ms": summarize([r["connect_max_ms"] for r in rows if r.get("connect_max_ms")]),
-                "errors": sum(r.get("errors", 0) for r in rows),
+                "errors": errors,
+                "machine_errors": machine,
                 "reps": len(rows),
                 "first_error": next((r["first_error"] for r in rows if r.get("first_error")), None),
             }
+            if errors and machine == errors:  # every error came from the machine (fds, ports, memory)
+                cell[name]["machine_limit"] = "machine limit hit at run time: " + (cell[name]["first_error"] or "?")
         out[str(n)] = cell
     return out
 
@@ -250,8 +344,27 @@ def _handshake(port: int) -> socket.socket:
     return connect_with_retry(HOST, port, 60.0)
 
 
-def memory(impls: list[str], connections: int, reps: int) -> dict[str, Any]:
-    """Server RSS with ``connections`` idle validated connections (fresh server each time)."""
+def memory(impls: list[str], connections: int | list[int], reps: int) -> dict[str, Any]:
+    """Server RSS with each count of idle validated connections: {str(count): {impl: {...}}}."""
+    counts = [connections] if isinstance(connections, int) else list(connections)
+    out: dict[str, Any] = {}
+    for count in counts:
+        limit = machine_limit(count, 1, threads=False)
+        if limit:
+            out[str(count)] = {impl: {"machine_limit": limit} for impl in impls}
+            print(f"[bench] memory {count} connections: {limit}", flush=True)
+            continue
+        try:
+            out[str(count)] = _memory_at(impls, count, reps)
+        except OSError as exc:
+            msg = f"{type(exc).__name__}: {exc}"
+            if not machine_error(msg):
+                raise
+            out[str(count)] = {impl: {"machine_limit": "machine limit hit at run time: " + msg} for impl in impls}
+    return out
+
+
+def _memory_at(impls: list[str], connections: int, reps: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     raw: dict[str, dict[str, list[float]]] = {impl: {"idle_mib": [], "loaded_mib": [], "delta_mib": []} for impl in impls}
     for rep in range(reps):
