@@ -2,7 +2,9 @@
 
 Measures our stores and, when torch is importable, torch's stores in the same
 run, and writes ``latest.md`` + ``latest.json`` (+ PNG plots when matplotlib
-is importable) into ``--out`` (default ``benchmarks/results``).
+is importable) into ``--out`` (default ``benchmarks/results``). A full or quick
+run into the default directory also regenerates the README's performance table
+from that ``latest.json`` (``benchmarks/readme.py``; ``--no-readme`` to skip).
 
 These are benchmarks, not timed tests: nothing here asserts a speed. Every
 loop is bounded in count and time; every process started is stopped.
@@ -26,10 +28,10 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import bench_filestore, bench_storm, bench_tcp, common, report
-from .common import HERE, Budget, machine_info, raise_nofile, reexec_with_shim, torch_available
+from . import bench_filestore, bench_storm, bench_tcp, common, readme, report
+from .common import HERE, Budget, install_cleanup, machine_info, raise_nofile, reexec_with_shim, torch_available
 
-FIGURES = ["small", "cas", "aggregate", "storm", "init", "memory", "filestore", "lock"]
+FIGURES = ["small", "server_cpu", "cas", "aggregate", "storm", "init", "memory", "filestore", "lock"]
 KIB, MIB = 1024, 1024 * 1024
 
 
@@ -38,6 +40,7 @@ class Config:
     name: str
     reps: int
     small: Budget
+    cpu_requests: int  # server_cpu: requests per op and repetition (≥ 20,000: 10 ms ticks are noise)
     cas_sizes: list[int]
     cas: Budget
     clients: int
@@ -46,7 +49,7 @@ class Config:
     storm_reps: dict[int, int]
     storm_processes: int
     storm_bound_s: float
-    memory_connections: int
+    memory_connections: list[int]
     memory_reps: int
     fs_reps: int
     fs: Budget
@@ -59,36 +62,40 @@ class Config:
 FULL = Config(
     name="full", reps=5,
     small=Budget(5000, 1.0),
+    cpu_requests=20000,
     cas_sizes=[16 * KIB, 64 * KIB, 256 * KIB, 1 * MIB, 2 * MIB, 4 * MIB, 8 * MIB],
     cas=Budget(300, 1.0, minimum=3),
     clients=8, aggregate_s=2.0,
-    storm_sizes=[512, 2048, 4096], storm_reps={512: 5, 2048: 5, 4096: 3},
+    storm_sizes=[512, 2048, 4096, 8192, 16384], storm_reps={512: 5, 2048: 5, 4096: 5, 8192: 3, 16384: 3},
     storm_processes=16, storm_bound_s=150.0,
-    memory_connections=4096, memory_reps=3,
+    memory_connections=[4096, 16384], memory_reps=3,
     fs_reps=5, fs=Budget(20000, 1.0), fs_processes=4, fs_contended_s=2.0,
     lock_s=1.0,
 )
 QUICK = Config(
     name="quick", reps=3,
     small=Budget(2000, 0.3),
+    cpu_requests=5000,
     cas_sizes=[16 * KIB, 256 * KIB, 1 * MIB, 4 * MIB, 8 * MIB],
     cas=Budget(100, 0.4, minimum=2),
     clients=8, aggregate_s=1.0,
-    storm_sizes=[512, 2048, 4096], storm_reps={512: 3, 2048: 3, 4096: 1},
+    storm_sizes=[512, 2048, 4096, 8192], storm_reps={512: 3, 2048: 3, 4096: 1, 8192: 1},
     storm_processes=16, storm_bound_s=120.0,
-    memory_connections=4096, memory_reps=1,
+    memory_connections=[4096, 16384], memory_reps=1,
     fs_reps=3, fs=Budget(5000, 0.3), fs_processes=4, fs_contended_s=1.0,
     lock_s=0.5,
 )
 TINY = Config(  # the smoke test: exercises every code path in seconds, measures nothing
     name="tiny", reps=2,
     small=Budget(20, 0.05, minimum=2),
+    cpu_requests=50,
     cas_sizes=[16 * KIB],
     cas=Budget(5, 0.05, minimum=2),
     clients=2, aggregate_s=0.1,
-    storm_sizes=[16], storm_reps={16: 1},
+    # 1 << 24 clients cannot fit any machine: exercises the "machine limit" path without running
+    storm_sizes=[16, 1 << 24], storm_reps={16: 1, 1 << 24: 1},
     storm_processes=4, storm_bound_s=30.0,
-    memory_connections=16, memory_reps=1,
+    memory_connections=[16, 1 << 24], memory_reps=1,
     fs_reps=1, fs=Budget(20, 0.05, minimum=2), fs_processes=2, fs_contended_s=0.1,
     lock_s=0.1,
 )
@@ -106,6 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-shim", action="store_true", help="do not preload the numeric-getnameinfo shim")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--reps", type=int, help="override the repetition count")
+    ap.add_argument("--no-readme", action="store_true",
+                    help="do not regenerate the README's performance table (it is regenerated only for a "
+                         "full or quick run written to the default --out)")
     ap.add_argument("--server-loop", choices=("asyncio", "uvloop"), default="asyncio",
                     help="event loop of our server (uvloop needs the optional extra)")
     args = ap.parse_args(argv)
@@ -117,11 +127,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    install_cleanup()  # SIGTERM/SIGHUP unwind like Ctrl-C; every server and worker is stopped
     common.SERVER_LOOP = args.server_loop
     use_torch = torch_available() and not args.no_torch
     if use_torch and not args.no_shim:
         reexec_with_shim()  # returns only if already preloaded (or gcc is missing)
-    raise_nofile()
+    raise_nofile()  # as far as the hard limit allows; every child process inherits its own budget
     cfg = TINY if args.tiny else QUICK if args.quick else FULL
     if args.reps:
         cfg.reps = args.reps
@@ -154,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name} done in {time.monotonic() - t:.1f} s", flush=True)
 
     figure("small", lambda: bench_tcp.small_ops(impls, cfg.reps, cfg.small))
+    figure("server_cpu", lambda: bench_tcp.server_cpu(impls, cfg.reps, cfg.cpu_requests))
     figure("cas", lambda: bench_tcp.cas_sweep(impls, cfg.reps, cfg.cas_sizes, cfg.cas))
     figure("aggregate", lambda: bench_tcp.aggregate(impls, cfg.reps, cfg.clients, cfg.aggregate_s))
     reps_for = lambda n: cfg.storm_reps.get(n, cfg.reps)  # noqa: E731
@@ -182,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "latest.md").write_text(report.markdown(results, plots))
     print(f"[bench] wrote {args.out / 'latest.md'} and latest.json ({len(plots)} plot(s)) "
           f"in {time.monotonic() - started:.0f} s", flush=True)
+    if cfg.name != "tiny" and not args.no_readme and args.out.resolve() == (HERE / "results").resolve():
+        changed = readme.update(readme.README, args.out / "latest.json")
+        print(f"[bench] README performance table {'regenerated' if changed else 'unchanged'} "
+              f"from {args.out / 'latest.json'}", flush=True)
     return 0
 
 

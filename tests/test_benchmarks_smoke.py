@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 
 def test_runner_tiny(tmp_path: Path) -> None:
@@ -27,14 +28,38 @@ def test_runner_tiny(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "latest.json").read_text())
     md = (tmp_path / "latest.md").read_text()
     assert results["torch_measured"] is False
-    for name in ("small", "cas", "aggregate", "storm", "init", "memory"):
+    for name in ("small", "server_cpu", "cas", "aggregate", "storm", "init", "memory"):
         assert name in results["figures"], (name, results["failures"])
     # FileStore figures appear once FileStore exists; "skipped" is the only acceptable absence
     for name, reason in results["failures"].items():
         assert reason.startswith("skipped"), (name, reason)
-    storm = results["figures"]["storm"]
-    for cell in storm.values():
-        assert cell["ours->ours"]["errors"] == 0, cell
+    cpu = results["figures"]["server_cpu"]
+    for op in ("add", "check", "compare_set", "set+check"):
+        for kind in ("ours", "echo", "raw"):  # ours and the two bare asyncio floor servers
+            assert cpu["ops"][op][kind]["cpu_us"]["n"] == 2, (op, kind)
+            assert cpu["ops"][op][kind]["wall_us"]["median"] > 0, (op, kind)
+        assert cpu["sizes"][op][0] > 0, cpu["sizes"]
+    for mode in ("storm", "init"):
+        block = results["figures"][mode]
+        assert block["16"]["ours->ours"]["errors"] == 0, block
+        assert block["16"]["ours->ours"]["wall_s"]["median"] > 0, block
+        # a size no machine can hold is reported as the machine's limit, not run, not an error
+        huge = block[str(1 << 24)]["ours->ours"]
+        assert huge["machine_limit"].startswith("machine limit") and huge["reps"] == 0, huge
+    memory = results["figures"]["memory"]
+    assert memory["16"]["ours"]["loaded_mib"]["median"] > 0
+    assert memory[str(1 << 24)]["ours"]["machine_limit"].startswith("machine limit")
     assert results["figures"]["small"]["add"]["ours"]["p50_us"]["median"] > 0
-    assert "Summary against the targets" in md
+    assert "Summary against the targets of issue 12" in md
+    assert "Server CPU per request" in md and "machine limit" in md
     assert results["machine"]["python"] and results["machine"]["date"]
+    # the README generator renders these results (new rows included) between its markers
+    from benchmarks import readme
+
+    doc = f"intro\n{readme.BEGIN}\nold\n{readme.END}\nrest\n"
+    table = readme.rewrite(doc, results)
+    assert "server CPU per request, add" in table and "(floor: echo" in table
+    assert "storm N=16 wall (s), our clients → our server" in table
+    assert "n/a (machine)" in table and table.endswith(f"{readme.END}\nrest\n")
+    # a tiny run into a temporary --out never touches the README
+    assert "tiny run" not in readme.README.read_text()
