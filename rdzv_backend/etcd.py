@@ -8,7 +8,11 @@ by default and 3.6 removed. This one speaks v3 through the JSON gateway
   ``<key_prefix>/<run_id>`` (default prefix ``/torch/elastic/rendezvous``);
 * the token is the key's ``mod_revision`` (an ``int``): revision-based, so no ABA;
 * ``set_state`` is one transaction: compare ``MOD == token`` (or "absent" for no token),
-  put with the backend's lease, else read the current state back;
+  put with the backend's lease, else read the current state back (no second round trip);
+* exactly once: when an attempt of that transaction failed after it was sent (connection
+  reset, timeout: it may have been applied) and its retry then lost, the write counts as ours
+  when the key now holds exactly the bytes we wrote at a revision past the token (torch's c10d
+  rule: equal state bytes are the same state);
 * the key carries a lease as its TTL (default 7200 s, torch's): it disappears TTL after the
   last write at the latest (between 2/3 TTL and TTL: a lease is reused for a third of
   its TTL, then replaced by a fresh one).
@@ -25,7 +29,7 @@ import time
 from base64 import b64decode, b64encode
 from typing import Any
 
-from rdzv_store.etcd_client import EtcdClient, b64, unb64
+from rdzv_store.etcd_client import CallReport, EtcdClient, b64, unb64
 from rdzv_store.etcdstore import EtcdStore
 from rdzv_store.errors import StoreError
 
@@ -101,6 +105,8 @@ class EtcdRendezvousBackend(RendezvousBackend):
             guard = {"target": "MOD", "key": key, "result": "EQUAL", "mod_revision": str(token)}
         else:
             guard = {"target": "CREATE", "key": key, "result": "EQUAL", "create_revision": "0"}
+        value = b64(b64encode(state))
+        report = CallReport()
         with self._lock:
             for retry in (False, True):
                 lease = self._current_lease()
@@ -109,9 +115,10 @@ class EtcdRendezvousBackend(RendezvousBackend):
                         "kv/txn",
                         {
                             "compare": [guard],
-                            "success": [{"request_put": {"key": key, "value": b64(b64encode(state)), "lease": lease}}],
+                            "success": [{"request_put": {"key": key, "value": value, "lease": lease}}],
                             "failure": [{"request_range": {"key": key}}],
                         },
+                        report,
                     )
                     break
                 except RendezvousConnectionError as exc:
@@ -124,7 +131,12 @@ class EtcdRendezvousBackend(RendezvousBackend):
         kvs = responses[0].get("response_range", {}).get("kvs")
         if not kvs:
             return None
-        current, current_token = self._decode(kvs[0])
+        kv = kvs[0]
+        if report.uncertain and kv.get("value") == value and int(kv["mod_revision"]) > (token or 0):
+            # An attempt whose reply was lost was applied; its retry then lost to that very write.
+            logger.debug("etcd-v3 backend: a write whose reply was lost had been applied (revision %s)", kv["mod_revision"])
+            return state, int(kv["mod_revision"]), True
+        current, current_token = self._decode(kv)
         return current, current_token, False
 
     # -- internals ---------------------------------------------------------------------------
@@ -140,9 +152,9 @@ class EtcdRendezvousBackend(RendezvousBackend):
                 logger.debug("etcd-v3 backend: lease %s replaced by %s", old, self._lease)
         return self._lease
 
-    def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _call(self, path: str, body: dict[str, Any], report: CallReport | None = None) -> dict[str, Any]:
         try:
-            return self._client.call(path, body, key=self._key)
+            return self._client.call(path, body, key=self._key, report=report)
         except StoreError as exc:
             raise RendezvousConnectionError(_CONNECTION_FAILED) from exc
         except OSError as exc:  # pragma: no cover - the client maps these itself

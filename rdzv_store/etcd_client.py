@@ -42,6 +42,7 @@ __all__ = [
     "EtcdRequestTooLargeError",
     "EtcdCompactedError",
     "Watch",
+    "CallReport",
     "b64",
     "unb64",
     "prefix_end",
@@ -158,6 +159,20 @@ class _Retry(Exception):
         super().__init__(cause)
         self.cause = cause
         self.no_leader = no_leader
+
+
+@dataclass
+class CallReport:
+    """What happened inside one :meth:`EtcdClient.call` besides its reply (pass one in to learn it).
+
+    ``uncertain`` turns true when an attempt failed after its request was (maybe partly) sent:
+    connection reset, timeout or a broken reply. etcd may have applied that request, and the
+    call's retry then ran against the changed data (a compare-and-set retried that way fails
+    its compare against its own write). A caller that must know whether its write landed
+    checks the data when this is set.
+    """
+
+    uncertain: bool = False
 
 
 _RETRY_OS_ERRORS = (OSError, http.client.HTTPException, TimeoutError)
@@ -287,11 +302,13 @@ class EtcdClient:
         key: bytes | None = None,
         timeout: float | None = None,
         deadline: float | None = None,
+        report: CallReport | None = None,
     ) -> dict[str, Any]:
         """POST ``body`` to ``/v3/<path>`` and return the decoded reply.
 
         Retries on the next endpoint after connection errors, attempt timeouts and
         "unavailable" replies, until ``deadline`` (monotonic) or ``timeout`` seconds.
+        ``report``, when given, is told whether a failed attempt may have been applied.
 
         Raises:
             EtcdUnavailableError / EtcdNoLeaderError: Nothing answered in time.
@@ -303,7 +320,7 @@ class EtcdClient:
         data = json.dumps(body, separators=(",", ":")).encode()
         if deadline is None:
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        return self._with_failover(lambda i, t: self._post(i, path, data, key, t), key, deadline)
+        return self._with_failover(lambda i, t: self._post(i, path, data, key, t, report), key, deadline)
 
     def _with_failover(self, attempt: Any, key: bytes | None, deadline: float) -> Any:
         n = len(self.endpoints)
@@ -354,7 +371,9 @@ class EtcdClient:
             )
         raise EtcdUnavailableError(cause + f"; tried {self.describe()}", last_ep, key)
 
-    def _post(self, index: int, path: str, data: bytes, key: bytes | None, timeout: float) -> dict[str, Any]:
+    def _post(
+        self, index: int, path: str, data: bytes, key: bytes | None, timeout: float, report: CallReport | None = None
+    ) -> dict[str, Any]:
         ep = str(self.endpoints[index])
         try:
             conn, fresh = self._take(index, timeout)
@@ -372,15 +391,26 @@ class EtcdClient:
                 raise EtcdAuthError(
                     f"TLS refused by the server (client certificate missing or untrusted?): {exc}", ep, key
                 ) from None
+            if report is not None:
+                report.uncertain = True
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
         except _RETRY_OS_ERRORS as exc:
             conn.close()
+            if report is not None:
+                report.uncertain = True  # the request may have reached etcd and been applied
             raise _Retry(f"{type(exc).__name__}: {exc or 'timed out'}") from None
         if resp.will_close:
             conn.close()
         else:
             self._give_back(index, conn)
-        return self._decode(resp.status, raw, ep, key)
+        try:
+            return self._decode(resp.status, raw, ep, key)
+        except _Retry as exc:
+            if report is not None and not exc.no_leader:
+                # "request timed out" and the like: a proposal etcd accepted may still be
+                # applied (a member without a leader refuses before proposing anything).
+                report.uncertain = True
+            raise
 
     def _decode(self, status: int, raw: bytes, ep: str, key: bytes | None) -> dict[str, Any]:
         try:

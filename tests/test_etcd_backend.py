@@ -20,7 +20,8 @@ from etcd_helpers import free_port, shared_member
 from rdzv_backend import RendezvousConnectionError, RendezvousParameters, RendezvousStateError
 from rdzv_backend.etcd import EtcdRendezvousBackend, create_backend
 from rdzv_store import EtcdStore
-from rdzv_store.etcd_client import EtcdClient, b64
+from rdzv_store.etcd_client import EtcdClient, b64, unb64
+from rdzv_store.testing import FaultProxy
 
 
 def _client() -> EtcdClient:
@@ -137,6 +138,89 @@ def test_concurrent_compare_and_set_loses_no_update():
     assert state is not None and int(state[0]) == 4 * per_thread
     for c in clients:
         c.close()
+
+
+def _await(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def _set_state_in_thread(backend: EtcdRendezvousBackend, state: bytes, token: Any) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(backend.set_state(state, token))
+        except BaseException as exc:  # reported by the test
+            out.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+@pytest.mark.parametrize("lost", ["reply", "request"])
+def test_set_state_is_exactly_once_when_a_reply_or_request_is_lost(client, lost):
+    """The connection is reset after the compare-and-set was sent: its reply is lost (the write
+    was applied) or its request is (it was not). Either way the retry reports the truth."""
+    member = shared_member().members[0]
+    run_id = "run-" + uuid.uuid4().hex
+    with FaultProxy("127.0.0.1", member.client_port) as proxy:
+        through = EtcdClient([f"127.0.0.1:{proxy.port}"], timeout=10)
+        try:
+            backend = EtcdRendezvousBackend(through, run_id)
+            _, token, ok = backend.set_state(b"first")  # also takes the lease
+            assert ok
+            proxy.drop("to_client" if lost == "reply" else "to_server")
+            t, out = _set_state_in_thread(backend, b"second", token)
+            if lost == "reply":
+                _await(lambda: (_kv(client, backend.key) or {}).get("mod_revision") != str(token))
+            else:
+                proxy.wait_until(lambda st: st.dropped_to_server > 0)  # the request never reached etcd
+            proxy.heal()
+            assert proxy.cut("rst") >= 1  # the client sees a reset: the outcome is unknown
+            t.join(15)
+            assert not t.is_alive() and len(out) == 1 and not isinstance(out[0], BaseException), out
+            state, new_token, written = out[0]
+            kv = _kv(client, backend.key)
+            assert kv is not None and unb64(kv["value"]) == b64encode(b"second")
+            assert (state, new_token, written) == (b"second", int(kv["mod_revision"]), True)
+            # Written once: one revision after the token (nothing else writes this key).
+            assert int(kv["version"]) == 2
+            assert backend.set_state(b"third", new_token)[2] is True  # the token is the right one
+        finally:
+            through.close()
+
+
+def test_a_lost_reply_then_another_writer_is_reported_as_not_written(client):
+    """torch's rule: after a lost reply, "written" needs the key to still hold our bytes. When a
+    later writer changed it, the backend says "not written" and returns the current state (the
+    handler re-reads and finds its change in it, or redoes it)."""
+    member = shared_member().members[0]
+    run_id = "run-" + uuid.uuid4().hex
+    other = EtcdRendezvousBackend(client, run_id)
+    with FaultProxy("127.0.0.1", member.client_port) as proxy:
+        through = EtcdClient([f"127.0.0.1:{proxy.port}"], timeout=10)
+        try:
+            backend = EtcdRendezvousBackend(through, run_id)
+            _, token, _ = backend.set_state(b"first")
+            proxy.drop("to_client")
+            t, out = _set_state_in_thread(backend, b"second", token)
+            _await(lambda: (_kv(client, backend.key) or {}).get("mod_revision") != str(token))
+            current = other.get_state()
+            assert current is not None and current[0] == b"second"
+            assert other.set_state(b"other", current[1])[2] is True
+            proxy.heal()
+            proxy.cut("rst")
+            t.join(15)
+            assert not t.is_alive() and len(out) == 1 and not isinstance(out[0], BaseException), out
+            state, new_token, written = out[0]
+            assert (state, written) == (b"other", False)
+            assert new_token == other.get_state()[1]
+        finally:
+            through.close()
 
 
 def test_corrupt_state_message(client, backend):
