@@ -89,14 +89,45 @@ def _connect(
         time.sleep(retry.after_failure(error))
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionResetError("the server closed the connection during the handshake")
-        data += chunk
-    return data
+class _HandshakeReader:
+    """Reads the handshake's replies with as few ``recv`` calls as the server's segments allow.
+
+    ``exactly(n)`` returns the next ``n`` bytes; each ``recv`` asks for up to ``ahead`` bytes
+    (the replies whose sizes are known in advance), never more, so no byte of a later reply
+    is ever consumed here.
+    """
+
+    __slots__ = ("sock", "buf", "pos", "ahead")
+
+    def __init__(self, sock: socket.socket, ahead: int) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.pos = 0
+        self.ahead = ahead  # total bytes known to be due, counted from the start
+
+    def exactly(self, n: int) -> bytes:
+        end = self.pos + n
+        self.ahead = max(self.ahead, end)
+        while len(self.buf) < end:
+            chunk = self.sock.recv(self.ahead - len(self.buf))
+            if not chunk:
+                raise ConnectionResetError("the server closed the connection during the handshake")
+            self.buf += chunk
+        data = self.buf[self.pos : end]
+        self.pos = end
+        return data
+
+
+_pid = os.getpid()
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _handshake(
@@ -105,7 +136,7 @@ def _handshake(
     """Send VALIDATE and PING (plus the secret check and the probe, pipelined); check the replies.
     Returns the probe's verdict: True for libuv rules, False for a legacy server, None unprobed."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    nonce = os.getpid() & 0xFFFFFFFF
+    nonce = _pid & 0xFFFFFFFF  # getpid(), refreshed after a fork
     # Both in one send: torch's libuv server also accepts them merged in one segment.
     sock.settimeout(max(deadline - time.monotonic(), 0.5))
     request = p.encode_validate() + p.encode_ping(nonce)
@@ -118,18 +149,20 @@ def _handshake(
     if probe:
         request += commands.get_raw(commands.PROBE_KEY)[0]
     sock.sendall(request)
-    echo = _recv_exactly(sock, 4)
+    # Replies of known size: the echo, then CHECK's byte (no secret) and the probe's length.
+    reader = _HandshakeReader(sock, 4 + (1 + (8 if probe else 0) if secret is None else 8))
+    echo = reader.exactly(4)
     if echo != nonce.to_bytes(4, "little"):
         raise ConnectionError(f"PING failed: sent nonce {nonce}, got {echo.hex()}")
     if secret is None:
         try:
-            _recv_exactly(sock, 1)  # CHECK's reply: any server that does not require a secret answers it
+            reader.exactly(1)  # CHECK's reply: any server that does not require a secret answers it
         except ConnectionError:
             raise auth.StoreAuthError(auth.secret_required(address)) from None
     else:
         try:
-            (length,) = struct.unpack("<Q", _recv_exactly(sock, 8))
-            reply = _recv_exactly(sock, length) if length <= 1024 else b"?"
+            (length,) = struct.unpack("<Q", reader.exactly(8))
+            reply = reader.exactly(length) if length <= 1024 else b"?"
         except ConnectionError:
             raise auth.StoreAuthError(
                 f"the store at {address} closed the connection at the shared-secret check: wrong "
@@ -139,12 +172,12 @@ def _handshake(
     if not probe:
         return None
     try:
-        (length,) = struct.unpack("<Q", _recv_exactly(sock, 8))
+        (length,) = struct.unpack("<Q", reader.exactly(8))
     except ConnectionError:
         return False  # answered the PING, then dropped the GET of a missing key: legacy rules
     if length > 65536:
         raise ConnectionError(f"implausible reply of {length} bytes to the handshake probe")
-    _recv_exactly(sock, length)
+    reader.exactly(length)
     return True
 
 
@@ -200,6 +233,10 @@ class Connection:
         self._sock = sock
         self._decoder = p.StreamDecoder(self.limits.max_request)
         self._rbuf = memoryview(bytearray(_RECV))
+        # Received bytes not yet parsed, kept in _rbuf[_rpos:_rend] while the decoder is idle
+        # (holds nothing): replies that arrive whole are read from there without it.
+        self._rpos = self._rend = 0
+        self._idle = True
         self._io_timeout: float | None = None  # the kernel timeout set on the socket, if any
         self._unanswered = None
         self._last_send = time.monotonic()
@@ -294,7 +331,8 @@ class Connection:
         elif sock is None:
             sock = self._socket()
         try:
-            self._set_timeout(sock, self.reply_timeout)
+            if self._io_timeout != self.reply_timeout:  # only when the bound changes (or no kernel timeouts)
+                self._set_timeout(sock, self.reply_timeout)
             sock.sendall(data)
         except OSError as exc:
             self._drop()
@@ -307,42 +345,77 @@ class Connection:
                 f"lost the connection to the store at {self.address}{self._what()}: {exc}. The next call reconnects"
             ) from None
 
+    def _recv(self, sock: socket.socket, deadline: float) -> int:
+        """One ``recv_into`` the receive buffer, bounded by ``deadline``; the byte count (> 0).
+        Raises ``socket.timeout`` at the deadline, ``StoreConnectionError`` when the connection
+        is lost or closed (the request was refused)."""
+        remaining = deadline - _monotonic()
+        if remaining <= 0:
+            raise socket.timeout()
+        current = self._io_timeout
+        if current is None or not remaining <= current <= remaining + 0.01:
+            self._set_timeout(sock, remaining)
+        try:
+            nbytes = sock.recv_into(self._rbuf)
+        except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
+            raise socket.timeout() from None
+        except OSError as exc:
+            if not isinstance(exc, ConnectionResetError):
+                self._drop()
+                raise StoreConnectionError(
+                    f"lost the connection to the store at {self.address}{self._what()}: {exc}. "
+                    "The next call reconnects"
+                ) from None
+            nbytes = 0  # reset: the server closed with our request unread, as on a refusal
+        if not nbytes:
+            self._drop()
+            raise StoreConnectionError(
+                f"the store at {self.address} "
+                + commands.refusal(self._op or "a request", self._keys, self._unanswered)
+            )
+        return nbytes
+
     def read(self, parser: p.ReplyParser, timeout: float | None = None) -> Any:
         """Read one reply. On timeout raise ``socket.timeout`` (the caller decides what it means)."""
         sock = self._socket()
-        deadline = time.monotonic() + (self.reply_timeout if timeout is None else timeout)
+        deadline = _monotonic() + (self.reply_timeout if timeout is None else timeout)
+        if self._idle:
+            fast = parser.fast if type(parser) is commands.Reply else None
+            if fast is not None:
+                # The reply is read straight from the receive buffer when it is whole there;
+                # anything else (a partial or unusual reply) goes to the decoder below.
+                rbuf = self._rbuf
+                pos = self._rpos
+                end = self._rend
+                found = fast(rbuf, pos, end)  # first from what is left: a reply may be empty
+                if found is None and pos == end:
+                    end = self._recv(sock, deadline)
+                    pos = 0
+                    found = fast(rbuf, pos, end)
+                if found is not None:
+                    self._rpos = found[1]
+                    self._rend = end
+                    self._unanswered = None  # a reply means every earlier request was processed
+                    return found[0]
+                self._decoder.feed(rbuf[pos:end])
+                self._rpos = self._rend = 0
+            elif self._rpos < self._rend:
+                self._decoder.feed(self._rbuf[self._rpos : self._rend])
+                self._rpos = self._rend = 0
+            self._idle = False
+        decoder = self._decoder
         while True:
             try:
-                reply = self._decoder.decode(parser)
+                reply = decoder.decode(parser)
             except p.ProtocolError as exc:
                 self._drop()
                 raise StoreConnectionError(f"malformed reply from the store at {self.address}: {exc}") from None
             if reply is not p.NEED_DATA:
                 self._unanswered = None  # a reply means every earlier request was processed
+                self._idle = decoder.buffered == 0
                 return reply
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout()
-            try:
-                self._set_timeout(sock, remaining)
-                nbytes = sock.recv_into(self._rbuf)
-            except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
-                raise socket.timeout() from None
-            except OSError as exc:
-                if not isinstance(exc, ConnectionResetError):
-                    self._drop()
-                    raise StoreConnectionError(
-                        f"lost the connection to the store at {self.address}{self._what()}: {exc}. "
-                        "The next call reconnects"
-                    ) from None
-                nbytes = 0  # reset: the server closed with our request unread, as on a refusal
-            if not nbytes:
-                self._drop()
-                raise StoreConnectionError(
-                    f"the store at {self.address} "
-                    + commands.refusal(self._op or "a request", self._keys, self._unanswered)
-                )
-            self._decoder.feed(self._rbuf[:nbytes])
+            nbytes = self._recv(sock, deadline)
+            decoder.feed(self._rbuf[:nbytes])
 
     def read_reply(self, parser: p.ReplyParser) -> Any:
         """Read a reply that must come promptly; a timeout poisons the connection."""
@@ -400,14 +473,16 @@ class Connection:
             self._keys = keys
             self.send(command[0])
             try:
-                self.read(p.parse_u8, timeout=max(timeout, 0.0))
+                self.read(command[1] or p.parse_u8, timeout=max(timeout, 0.0))
                 return
             except socket.timeout:
                 pass
-            self.send(commands.cancel_wait()[0], fresh=False)
-            released = self.read_reply(p.parse_u8) == p.STOP_WAITING
+            cancel, u8 = commands.cancel_wait()
+            assert u8 is not None
+            self.send(cancel, fresh=False)
+            released = self.read_reply(u8) == p.STOP_WAITING
             if released:
-                self.read_reply(p.parse_u8)  # the WAIT_CANCELED that follows
+                self.read_reply(u8)  # the WAIT_CANCELED that follows
                 return  # released right at the deadline: that counts as success
             where = f"TCPStore at {self.address}"
             if what == "barrier":
