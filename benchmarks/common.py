@@ -322,9 +322,8 @@ def cpu_sched_ns(pid: int) -> int | None:
     total = 0
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                    total += int(f.read().split()[0])
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
     except OSError:
         return None
     return total

@@ -37,8 +37,9 @@ def _missing_rows(res: dict[str, Any]) -> list[list[str]]:
     if "server_cpu" not in fig:
         rows.append(["server CPU per small request (add, check, compare_set, set+check)", absent, "", "",
                      f"≤ {report.T_CPU}x", "n/a"])
-    for key, label, targets in (("storm", "storm", f"torch clients ≤ {report.T_STORM_TORCH}x, our clients "
-                                 f"≤ {report.T_STORM_OURS}x, 0 errors"),
+    storm_targets = (f"torch clients ≤ {report.T_STORM_TORCH}x, our clients ≤ {report.T_STORM_OURS}x, "
+                     "0 errors")
+    for key, label, targets in (("storm", "storm", storm_targets),
                                 ("init", "torch-style init", f"≤ {report.T_INIT}x, 0 errors")):
         have = {int(n) for n in fig.get(key) or {}}
         missing = [n for n in SCALE_NS if n not in have]
@@ -71,8 +72,8 @@ def render(res: dict[str, Any]) -> str:
         report._table(report.SUMMARY_HEADER, report.summary_rows(res, readme=True) + _missing_rows(res)),
     ]
     if res.get("failures"):
-        lines += ["", "Not measured or failed in that run: "
-                  + "; ".join(f"`{k}`: {v}" for k, v in res["failures"].items()) + "."]
+        failed = "; ".join(f"`{k}`: {v}" for k, v in res["failures"].items())
+        lines += ["", f"Not measured or failed in that run: {failed}."]
     return "\n".join(lines)
 
 
