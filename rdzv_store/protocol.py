@@ -118,9 +118,12 @@ class StreamDecoder:
     may consume, so a peer cannot make us accumulate an unbounded request.
     """
 
-    __slots__ = ("_buf", "_pos", "_gen", "_need", "_size", "max_message", "_lent", "_lent_pos", "_lent_end")
+    __slots__ = (
+        "_buf", "_pos", "_gen", "_need", "_size", "max_message", "_lent", "_lent_pos", "_lent_end",
+        "in_place", "_field", "_field_have", "field_slot", "last_size",
+    )  # fmt: skip
 
-    def __init__(self, max_message: int = Limits.max_request) -> None:
+    def __init__(self, max_message: int = Limits.max_request, in_place: int = 0) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._gen: Parser | None = None
@@ -130,6 +133,18 @@ class StreamDecoder:
         self._lent: bytearray | None = None  # see lend()
         self._lent_pos = 0
         self._lent_end = 0
+        # Fields of at least ``in_place`` bytes (0: never) are received in place: once an
+        # eighth of one has arrived, the rest goes straight into a buffer of its final size
+        # (``field_slot``, to ``recv_into``, then ``filled``), which becomes the field itself.
+        # Copying a multi-MiB value from read to read into a growing buffer, and then out of
+        # it, cost more than the two system calls that move it (profile of an 8 MiB
+        # compare_set on the server: 12 ms of copies against 8 ms of recv and send). The
+        # eighth bounds what a peer can make us reserve to 8x what it actually sent.
+        self.in_place = in_place
+        self._field: bytearray | None = None
+        self._field_have = 0
+        self.field_slot: memoryview | None = None
+        self.last_size = 0  # bytes of the message decode() returned last
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self.keep()
@@ -172,8 +187,15 @@ class StreamDecoder:
 
     @property
     def held(self) -> int:
-        """Bytes an incomplete message holds: fields already consumed plus bytes buffered."""
+        """Bytes an incomplete message holds: fields consumed (or reserved in place) plus bytes buffered."""
         return self._size + self.buffered
+
+    def filled(self, nbytes: int) -> None:
+        """``nbytes`` were received into ``field_slot``."""
+        self._field_have += nbytes
+        slot = self.field_slot
+        assert slot is not None and nbytes <= len(slot)
+        self.field_slot = slot[nbytes:] if nbytes < len(slot) else None
 
     @property
     def in_message(self) -> bool:
@@ -189,6 +211,7 @@ class StreamDecoder:
             if fast is not None:
                 found = fast(lent, self._lent_pos, self._lent_end)
                 if found is not None and found[1] - self._lent_pos <= self.max_message:
+                    self.last_size = found[1] - self._lent_pos
                     self._lent_pos = found[1]
                     if found[1] == self._lent_end:
                         self._lent = None
@@ -204,6 +227,7 @@ class StreamDecoder:
                 # stays the general and authoritative one, from the same position.
                 found = fast(buf, self._pos, len(buf))
                 if found is not None and found[1] - self._pos <= self.max_message:
+                    self.last_size = found[1] - self._pos
                     self._pos = found[1]
                     self._compact()
                     return found[0]
@@ -218,24 +242,61 @@ class StreamDecoder:
             self._gen = gen
         while True:
             need = self._need
-            pos = self._pos
-            if len(buf) - pos < need:
-                self._compact()
-                return NEED_DATA
-            self._size += need
-            if self._size > self.max_message:
-                raise ProtocolError(f"message larger than {self.max_message} bytes")
-            self._pos = pos + need
-            # bytes(buf[a:b]) copies twice (slice, then bytes); through a memoryview once,
-            # which matters for megabyte values. The temporary view is gone before any resize.
-            field = bytes(buf[pos : pos + need]) if need < 4096 else bytes(memoryview(buf)[pos : pos + need])
+            in_place = self._field
+            if in_place is not None:  # a field received in place; _size counts it already
+                if self._field_have < need:
+                    # Bytes fed (not received into field_slot) belong to the field first.
+                    take = min(need - self._field_have, len(buf) - self._pos)
+                    if take:
+                        slot = self.field_slot
+                        assert slot is not None
+                        slot[:take] = memoryview(buf)[self._pos : self._pos + take]
+                        del slot
+                        self._pos += take
+                        self.filled(take)
+                        self._compact()
+                    if self._field_have < need:
+                        return NEED_DATA
+                self._field = None
+                field: bytes = in_place  # type: ignore[assignment]  # used as bytes, never mutated
+            else:
+                pos = self._pos
+                avail = len(buf) - pos
+                if avail < need:
+                    if self.in_place and need >= self.in_place and avail * 8 >= need:
+                        self._reserve(need, avail)
+                    else:
+                        self._compact()
+                    return NEED_DATA
+                self._size += need
+                if self._size > self.max_message:
+                    raise ProtocolError(f"message larger than {self.max_message} bytes")
+                self._pos = pos + need
+                # bytes(buf[a:b]) copies twice (slice, then bytes); through a memoryview once,
+                # which matters for megabyte values. The temporary view is gone before any resize.
+                field = bytes(buf[pos : pos + need]) if need < 4096 else bytes(memoryview(buf)[pos : pos + need])
             try:
                 self._need = gen.send(field)
             except StopIteration as done:
                 self._gen = None
+                self.last_size = self._size
                 self._size = 0
                 self._compact()
                 return done.value
+
+    def _reserve(self, need: int, avail: int) -> None:
+        """Start receiving a ``need``-byte field in place; ``avail`` of it are buffered already."""
+        if self._size + need > self.max_message:
+            raise ProtocolError(f"message larger than {self.max_message} bytes")
+        self._size += need
+        field = bytearray(need)
+        pos = self._pos
+        field[:avail] = memoryview(self._buf)[pos : pos + avail]
+        self._pos = pos + avail
+        self._compact()
+        self._field = field
+        self._field_have = avail
+        self.field_slot = memoryview(field)[avail:]
 
     def _compact(self) -> None:
         # Drop consumed bytes. Deleting a bytearray's prefix is cheap in CPython, but

@@ -23,7 +23,9 @@ What we do differently from torch's servers, on purpose:
 Memory bounds, decided here (see ``StoreServer`` for the parameters):
 
 * one incomplete request may hold at most ``limits.max_request`` bytes
-  (checked as each length prefix is read, before anything is buffered);
+  (checked as each length prefix is read, before anything is buffered); a
+  field of 64 KiB or more is received into a buffer of its final size once an
+  eighth of it has arrived, and that whole buffer counts as held;
 * all incomplete requests together may hold at most ``max_buffered`` bytes;
   the connection whose bytes would cross that budget is closed (one warning);
 * replies: a batch of pipelined requests is answered in slices of
@@ -44,9 +46,7 @@ test per request. When on, the hooks are, and should stay, only these:
 * ``_Connection._process``: per handled request, four increments of
   ``metrics.counts`` (the latency bucket, nanoseconds, request bytes, reply
   bytes; inline, as ``ServerMetrics.record`` would do them). Request bytes are
-  the decoder's held bytes before minus after the request (before the first one
-  of a read: ``self._held`` plus the bytes just fed, which is what
-  ``decoder.held`` would say; after a complete request ``held == buffered``);
+  the decoder's ``last_size`` (the wire size of the request it just returned);
   time is ``perf_counter_ns`` chained from request to request. Measured
   (``benchmarks/bench_metrics.py``) at 0.6-0.7 us per request;
 * ``StoreServer._admit``: ``accepted`` / ``refused``;
@@ -86,6 +86,7 @@ DEFAULT_MAX_BUFFERED = 1 << 30  # 1 GiB of incomplete requests, all connections 
 DEFAULT_REQUEST_TIMEOUT = 300.0  # torch's default store timeout: its client has given up by then
 _READ_BUFFER = 256 * 1024  # one recv_into, shared by all connections (asyncio's own read size)
 _REPLY_BATCH = 1 << 20  # flush replies (and check backpressure) every MiB of a pipelined batch
+_IN_PLACE = 64 * 1024  # request fields this big are received into their final buffer (StreamDecoder)
 _JOIN_BELOW = 64 * 1024  # pipelined replies smaller than this in all are joined into one send
 _HIGH_WATER = 64 * 1024  # unsent reply bytes above which we stop reading (asyncio's default too)
 _ACCEPT_BATCH = 512  # connections accepted per wake-up of a listener
@@ -162,7 +163,7 @@ class _Connection:
         # in-process benchmark's connection, which never touches the loop).
         self._loop = cast(asyncio.AbstractEventLoop, server._loop)
         self._engine = server.engine
-        self._decoder = p.StreamDecoder(server.limits.max_request)
+        self._decoder = p.StreamDecoder(server.limits.max_request, in_place=_IN_PLACE)
         self._start = server._start_parser
         self._fast = server._fast_parser
         self._validated = False  # True once every request type may be served
@@ -192,9 +193,9 @@ class _Connection:
     # -- readiness callbacks -----------------------------------------------------------------
     def _on_readable(self) -> None:
         assert self._sock is not None
-        buffer = self._server._read_buffer
+        slot = self._decoder.field_slot  # a big field's final buffer, or None: the shared one
         try:
-            nbytes = self._sock.recv_into(buffer)
+            nbytes = self._sock.recv_into(self._server._read_buffer if slot is None else slot)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # ECONNRESET and friends
@@ -203,7 +204,12 @@ class _Connection:
         if not nbytes:  # EOF: what was received has been answered; send the rest and close
             self._shutdown()
             return
-        self._received(nbytes)
+        if slot is None:
+            self._received(nbytes)
+        else:
+            self._rx += nbytes
+            self._decoder.filled(nbytes)
+            self._process()
 
     def _received(self, nbytes: int) -> None:
         """``nbytes`` new bytes are at the start of the server's read buffer."""
@@ -211,7 +217,7 @@ class _Connection:
         # Lent, not copied: _process hands it back (decode's NEED_DATA, or keep()) before
         # any other connection reads into the shared buffer.
         self._decoder.lend(self._server._read_bytes, nbytes)
-        self._process(nbytes)
+        self._process()
 
     def _on_writable(self) -> None:
         assert self._sock is not None
@@ -241,7 +247,7 @@ class _Connection:
                 self._process()
 
     # -- requests ----------------------------------------------------------------------------
-    def _process(self, fed: int = 0) -> None:
+    def _process(self) -> None:
         decoder = self._decoder
         replies: list[bytes] = []
         self._out = replies
@@ -249,7 +255,6 @@ class _Connection:
         metrics = self._metrics
         if metrics is not None:
             counts = metrics.counts
-            held = self._held + fed  # == decoder.held: the next request's bytes consumed or buffered
             t0 = perf_counter_ns()
         try:
             while True:
@@ -264,9 +269,7 @@ class _Connection:
                     base = request[0] * SLOTS
                     counts[base + BUCKET_OF_BITS[(ns - 1).bit_length()]] += 1
                     counts[base + SUM] += ns
-                    rest = decoder.buffered  # == held between two requests
-                    counts[base + RX] += held - rest
-                    held = rest
+                    counts[base + RX] += decoder.last_size
                     if reply is not None:
                         counts[base + TX] += len(reply)
                 if reply is not None:
