@@ -37,6 +37,7 @@ _monotonic = time.monotonic
 # ``recv(256 KiB)`` makes CPython allocate (glibc: mmap), shrink (mremap) and free
 # (munmap) a buffer per read: three extra syscalls per small reply.
 _RECV = 64 * 1024
+_IN_PLACE = 64 * 1024  # reply values this big are received into their final buffer (StreamDecoder)
 # A connection starts with a small buffer and grows it to _RECV once a read fills it: zeroing
 # 64 KiB per connection was up to half of a connect's user-space instructions in a storm.
 _RECV_FIRST = 4096
@@ -234,7 +235,8 @@ class Connection:
 
     def _adopt(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._decoder = p.StreamDecoder(self.limits.max_request)
+        # Big reply values (a 8 MiB get) are received straight into a buffer of their final size.
+        self._decoder = p.StreamDecoder(self.limits.max_request, in_place=_IN_PLACE)
         self._rbuf = memoryview(bytearray(_RECV_FIRST))
         # Received bytes not yet parsed, kept in _rbuf[_rpos:_rend] while the decoder is idle
         # (holds nothing): replies that arrive whole are read from there without it.
@@ -349,8 +351,8 @@ class Connection:
                 f"lost the connection to the store at {self.address}{self._what()}: {exc}. The next call reconnects"
             ) from None
 
-    def _recv(self, sock: socket.socket, deadline: float) -> int:
-        """One ``recv_into`` the receive buffer, bounded by ``deadline``; the byte count (> 0).
+    def _recv(self, sock: socket.socket, deadline: float, into: memoryview | None = None) -> int:
+        """One ``recv_into`` the receive buffer (or ``into``), bounded by ``deadline``; the byte count (> 0).
         Raises ``socket.timeout`` at the deadline, ``StoreConnectionError`` when the connection
         is lost or closed (the request was refused)."""
         remaining = deadline - _monotonic()
@@ -359,8 +361,8 @@ class Connection:
         current = self._io_timeout
         if current is None or not remaining <= current <= remaining + 0.01:
             self._set_timeout(sock, remaining)
-        rbuf = self._rbuf
-        if self._filled:  # the last read filled the small buffer: grow it (it holds no unparsed bytes now)
+        rbuf = self._rbuf if into is None else into
+        if self._filled and into is None:  # the last read filled the small buffer: grow it (no unparsed bytes now)
             rbuf = self._rbuf = memoryview(bytearray(_RECV))
             self._filled = False
         try:
@@ -375,7 +377,7 @@ class Connection:
                     "The next call reconnects"
                 ) from None
             nbytes = 0  # reset: the server closed with our request unread, as on a refusal
-        if nbytes == len(rbuf) < _RECV:
+        if nbytes == len(rbuf) < _RECV and into is None:
             self._filled = True
         if not nbytes:
             self._drop()
@@ -423,6 +425,10 @@ class Connection:
                 self._unanswered = None  # a reply means every earlier request was processed
                 self._idle = decoder.buffered == 0
                 return reply
+            slot = decoder.field_slot
+            if slot is not None:
+                decoder.filled(self._recv(sock, deadline, slot))
+                continue
             nbytes = self._recv(sock, deadline)
             decoder.feed(self._rbuf[:nbytes])
 

@@ -422,3 +422,22 @@ def test_handshake_probe_finds_libuv_rules_on_our_server(master):
     with TCPStore("127.0.0.1", master.port, timeout=5, use_libuv=False) as legacy:
         assert legacy._conn.libuv_rules is None and not legacy._pipelined_get  # no probe sent
     assert master.list_keys() == []  # the probe stores nothing
+
+
+@pytest.mark.parametrize("size", [(64 << 10) - 1, 64 << 10, 3 << 20, 8 << 20])
+def test_big_values_round_trip_as_bytes_through_the_in_place_paths(master, client, size):
+    # Values of 64 KiB or more are received in place on both sides (the server keeps the
+    # bytearray it received into; the client hands back bytes): get, compare_set, multi_get
+    # and append must all give back exactly what was stored, as bytes.
+    value = bytes(range(256)) * (size // 256) + b"t" * (size % 256)
+    other = value[::-1]
+    client.set("big", value)
+    got = master.get("big")
+    assert type(got) is bytes and got == value
+    assert master.compare_set("big", value, other) == other
+    assert client.compare_set("big", value, b"no") == other  # a lost compare returns the current value
+    assert client.multi_get(["big", "big"]) == [other, other]
+    tail = b"!" if size < p.Limits.max_value else b""  # the limit itself: nothing more may be appended
+    client.append("big", tail)
+    assert master.get("big") == other + tail
+    assert type(client.compare_set("big", other + tail, value)) is bytes
