@@ -2,7 +2,7 @@
 the cost of fsync, the client choice (stdlib gateway vs a PyPI client), and rendezvous
 completion time for N agents over etcd-v3 vs c10d.
 
-``python -m benchmarks.bench_etcd [--quick] [--reps N] [--out DIR]`` writes
+``python -m benchmarks.bench_etcd [--quick] [--reps N] [--sizes 8,16,...] [--out DIR]`` writes
 ``etcd.md`` and ``etcd.json`` into ``--out`` (default ``benchmarks/results``). Generated:
 never edit the results by hand.
 
@@ -11,9 +11,15 @@ never edit the results by hand.
   ``--unsafe-no-fsync`` (hidden in 3.4's ``--help``), and on a 3-member cluster (fsync).
 * Every latency cell is the median over repetitions of each repetition's median, with the
   spread (min-max across repetitions). Clients are sequential, one connection.
+* One run, alternated: every etcd member and server is up for the whole run; repetition k
+  of every cell runs before repetition k+1 of any, the order rotated each time, and the load
+  average is recorded at the start and end of each repetition.
 * torch's TCPStore (libuv server) and torch's own handler are measured in child processes
   run by ``/work/venv-torch/bin/python`` (or ``$RDZV_TORCH_PYTHON``) when present.
-* Rendezvous: N agents (threads in 4 child processes) each call ``next_rendezvous`` once
+* Rendezvous (N = 8, 16, 32, 64, 128): our handler over etcd-v3 (fsync and
+  ``--unsafe-no-fsync``) and over our TCP server, torch's handler over torch's c10d. A failed
+  rendezvous (join timeout 120 s) is counted in its cell and the run goes on.
+  N agents (threads in 4 child processes) each call ``next_rendezvous`` once
   with ``min_nodes = max_nodes = N``; the time is from the moment all agents are released
   to the moment the last one has its rank. It includes the handler's 0-0.3 s random
   first-round delay (torch's too).
@@ -216,13 +222,11 @@ def _cell(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def _latency(python: str, kind: str, target: str, n: int, reps: int) -> dict[str, Any]:
-    runs = [_run_child(python, _LATENCY_CHILD, [kind, target, str(n), ",".join(OPS)], 600) for _ in range(reps)]
+def _latency_cell(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {op: {"median": _cell([r[op]["median_ms"] for r in runs]), "p99": _cell([r[op]["p99_ms"] for r in runs])} for op in OPS}
 
 
-def _raw(python: str, client: str, url: str, n: int, reps: int) -> dict[str, Any]:
-    runs = [_run_child(python, _RAW_CHILD, [url, str(n), client], 600) for _ in range(reps)]
+def _raw_cell(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {op: {"median": _cell([r[op]["median_ms"] for r in runs])} for op in ("put", "range")}
 
 
@@ -311,67 +315,97 @@ def _rendezvous_once(python: str, kind: str, endpoint: str, n: int, processes: i
                 stop_process(p)
 
 
-def _rendezvous(python: str, kind: str, endpoint: str, sizes: list[int], reps: int) -> dict[str, Any]:
-    """Cells per N; a failed rendezvous (join_timeout 120 s) is recorded and ends the series."""
-    out: dict[str, Any] = {}
-    for n in sizes:
-        times = []
-        try:
-            for _ in range(reps):
-                times.append(_rendezvous_once(python, kind, endpoint, n))
-        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
-            out[str(n)] = {"failed": str(exc)[:300], "completed": len(times)}
-            break
-        out[str(n)] = _cell(times)
-    return out
+def _rendezvous_cell(times: list[float], errors: list[str]) -> dict[str, Any]:
+    cell: dict[str, Any] = _cell(times) if times else {"median": None, "n": 0}
+    cell["failed"] = len(errors)
+    if errors:
+        cell["errors"] = errors[:3]
+    return cell
+
+
+def _loadavg() -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "?"
 
 
 # -- the run ---------------------------------------------------------------------------------
-def run(quick: bool = False, reps: int = 5, log: Any = print) -> dict[str, Any]:
+SIZES = [8, 16, 32, 64, 128]
+
+
+def run(quick: bool = False, reps: int = 5, sizes: list[int] | None = None, log: Any = print) -> dict[str, Any]:
+    """One run: every configuration up at once, repetitions alternated (rep 1 of every cell,
+    then rep 2, ..., the order of the configurations rotated each repetition)."""
     n_ops = 300 if quick else 1000
-    sizes = [8, 32] if quick else [8, 32, 64, 128]
-    torch_sizes = [8, 32]  # torch's handler is the comparison; its larger N cost minutes per run
+    sizes = sizes or ([8, 32] if quick else SIZES)
     torch_ok = os.path.exists(TORCH_PYTHON)
     gw_ok = os.path.exists(GW_PYTHON)
-    res: dict[str, Any] = {"machine": machine_info(), "reps": reps, "ops_per_rep": n_ops, "latency": {}, "client": {}, "rendezvous": {}}
+    res: dict[str, Any] = {"machine": machine_info(), "reps": reps, "ops_per_rep": n_ops, "sizes": sizes,
+                           "latency": {}, "client": {}, "rendezvous": {}, "loadavg": []}
     res["etcd_version"] = subprocess.run([ETCD, "--version"], capture_output=True, text=True, timeout=10).stdout.split("\n")[0]
     py = sys.executable
+    t_start = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        fsync = stack.enter_context(etcd_cluster(1, False))
+        nofsync = stack.enter_context(etcd_cluster(1, True))
+        three = stack.enter_context(etcd_cluster(3, False))
+        srv = start_server("ours")
+        stack.callback(stop_process, srv.proc)
+        torch_port = None
+        if torch_ok:
+            proc = subprocess.Popen([TORCH_PYTHON, str(HERE / "_procs.py"), "torch-serve"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+            stack.callback(stop_process, proc)
+            torch_port = int(proc.stdout.readline().split()[1])  # type: ignore[union-attr]
+        # (name, python, child kind, target)
+        latency = [
+            ("EtcdStore, etcd 1 member, fsync (default)", py, "etcd", fsync[0]),
+            ("EtcdStore, etcd 1 member, --unsafe-no-fsync", py, "etcd", nofsync[0]),
+            ("EtcdStore, etcd 3 members, fsync", py, "etcd", ",".join(three)),
+            ("TCPStore, our server", py, "ours", str(srv.port)),
+        ]
+        if torch_port:
+            latency.append(("torch TCPStore, torch's libuv server", TORCH_PYTHON, "torch", str(torch_port)))
+        client = [(f"stdlib http.client, {lbl}", py, "stdlib", url) for lbl, url in
+                  [("etcd 1 member, fsync (default)", fsync[0]), ("etcd 1 member, --unsafe-no-fsync", nofsync[0])]]
+        if gw_ok:
+            client += [(f"etcd3gw, {lbl}", GW_PYTHON, "etcd3gw", url) for lbl, url in
+                       [("etcd 1 member, fsync (default)", fsync[0]), ("etcd 1 member, --unsafe-no-fsync", nofsync[0])]]
+        rdzv = [
+            ("our handler, etcd-v3 backend (1 member, fsync)", py, "ours-etcd", fsync[0].replace("http://", "")),
+            ("our handler, etcd-v3 backend (1 member, --unsafe-no-fsync)", py, "ours-etcd", nofsync[0].replace("http://", "")),
+            ("our handler, c10d backend (our TCP server)", py, "ours-c10d", f"127.0.0.1:{srv.port}"),
+        ]
+        if torch_port:
+            rdzv.append(("torch's handler, c10d backend (torch's TCP server)", TORCH_PYTHON, "torch-c10d", f"127.0.0.1:{torch_port}"))
+        lat_runs: dict[str, list[dict[str, Any]]] = {c[0]: [] for c in latency}
+        raw_runs: dict[str, list[dict[str, Any]]] = {c[0]: [] for c in client}
+        rdzv_runs: dict[str, dict[int, tuple[list[float], list[str]]]] = {c[0]: {n: ([], []) for n in sizes} for c in rdzv}
 
-    for label, size, no_fsync in [("etcd 1 member, fsync (default)", 1, False), ("etcd 1 member, --unsafe-no-fsync", 1, True), ("etcd 3 members, fsync", 3, False)]:
-        log(f"latency: EtcdStore on {label}")
-        with etcd_cluster(size, no_fsync) as urls:
-            res["latency"][f"EtcdStore, {label}"] = _latency(py, "etcd", ",".join(urls), n_ops, reps)
-            if size == 1:
-                log(f"client choice on {label}")
-                res["client"][f"stdlib http.client, {label}"] = _raw(py, "stdlib", urls[0], n_ops, reps)
-                if gw_ok:
-                    res["client"][f"etcd3gw, {label}"] = _raw(GW_PYTHON, "etcd3gw", urls[0], n_ops, reps)
-            if size == 1 and not no_fsync:
-                log("rendezvous over etcd-v3 (ours)")
-                ep = urls[0].replace("http://", "")
-                res["rendezvous"]["our handler, etcd-v3 backend (1 member, fsync)"] = _rendezvous(py, "ours-etcd", ep, sizes, reps)
-                if torch_ok:
-                    log("rendezvous over etcd-v3 (torch's handler, our plug-in)")
-                    res["rendezvous"]["torch's handler, etcd-v3 plug-in (1 member, fsync)"] = _rendezvous(TORCH_PYTHON, "torch-etcd", ep, torch_sizes, reps)
+        def rotated(items: list[Any], rep: int) -> list[Any]:
+            k = rep % len(items)
+            return items[k:] + items[:k]
 
-    log("latency: our TCP server")
-    srv = start_server("ours")
-    try:
-        res["latency"]["TCPStore, our server"] = _latency(py, "ours", str(srv.port), n_ops, reps)
-        log("rendezvous over c10d on our TCP server")
-        res["rendezvous"]["our handler, c10d backend (our TCP server)"] = _rendezvous(py, "ours-c10d", f"127.0.0.1:{srv.port}", sizes, reps)
-    finally:
-        stop_process(srv.proc)
-    if torch_ok:
-        log("latency: torch's TCPStore (libuv server)")
-        proc = subprocess.Popen([TORCH_PYTHON, str(HERE / "_procs.py"), "torch-serve"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-        try:
-            port = int(proc.stdout.readline().split()[1])  # type: ignore[union-attr]
-            res["latency"]["torch TCPStore, torch's libuv server"] = _latency(TORCH_PYTHON, "torch", str(port), n_ops, reps)
-            log("rendezvous: torch's handler over torch's c10d")
-            res["rendezvous"]["torch's handler, c10d backend (torch's TCP server)"] = _rendezvous(TORCH_PYTHON, "torch-c10d", f"127.0.0.1:{port}", torch_sizes, reps)
-        finally:
-            stop_process(proc)
+        for rep in range(reps):
+            res["loadavg"].append({"rep": rep + 1, "at_start": _loadavg()})
+            log(f"repetition {rep + 1}/{reps}: load average {_loadavg()}")
+            for name, python, kind, target in rotated(latency, rep):
+                lat_runs[name].append(_run_child(python, _LATENCY_CHILD, [kind, target, str(n_ops), ",".join(OPS)], 600))
+            for name, python, kind, url in rotated(client, rep):
+                raw_runs[name].append(_run_child(python, _RAW_CHILD, [url, str(n_ops), kind], 600))
+            for n in sizes:
+                for name, python, kind, endpoint in rotated(rdzv, rep):
+                    log(f"  rendezvous N={n}: {name}")
+                    times, errors = rdzv_runs[name][n]
+                    try:
+                        times.append(_rendezvous_once(python, kind, endpoint, n))
+                    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
+                        errors.append(str(exc)[:300])
+            res["loadavg"][-1]["at_end"] = _loadavg()
+    res["latency"] = {name: _latency_cell(runs) for name, runs in lat_runs.items()}
+    res["client"] = {name: _raw_cell(runs) for name, runs in raw_runs.items()}
+    res["rendezvous"] = {name: {str(n): _rendezvous_cell(*cells[n]) for n in sizes} for name, cells in rdzv_runs.items()}
+    res["seconds"] = round(time.monotonic() - t_start, 1)
     return res
 
 
@@ -435,17 +469,29 @@ def report(res: dict[str, Any]) -> str:
     ]
     sizes = sorted({int(n) for cells in res["rendezvous"].values() for n in cells})
     lines += ["| backend | " + " | ".join(f"N={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+
     def rcell(cells: dict[str, Any], n: int) -> str:
         c = cells.get(str(n))
         if c is None:
             return "-"
-        if "failed" in c:
-            return f"did not complete (join_timeout 120 s; {c['completed']} earlier runs completed)"
-        return _fmt(c)
+        if not c.get("n"):
+            return f"did not complete ({c['failed']} of {c['failed']} runs failed)"
+        text = _fmt(c)
+        if c.get("failed"):
+            text += f", {c['failed']} of {c['n'] + c['failed']} runs failed"
+        return text
 
     for name, cells in res["rendezvous"].items():
         lines.append(f"| {name} | " + " | ".join(rcell(cells, n) for n in sizes) + " |")
-    lines += ["", "`-`: not measured (torch's handler: N = 8 and 32 only, to bound the run)."]
+    failures = [(name, n, c["errors"][0]) for name, cells in res["rendezvous"].items() for n, c in cells.items() if c.get("errors")]
+    if failures:
+        lines += ["", "First error of each failed cell:", ""] + [f"- {name}, N={n}: `{err[:200]}`" for name, n, err in failures]
+    lines += [
+        "",
+        "Load average (1, 5, 15 min) at the start and end of each repetition: "
+        + "; ".join(f"rep {x['rep']}: {x['at_start']} -> {x.get('at_end', '?')}" for x in res.get("loadavg", []))
+        + f". Whole run: {res.get('seconds', '?')} s.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -453,12 +499,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_etcd", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer operations, N up to 32")
     ap.add_argument("--reps", type=int, default=5, help="repetitions per cell (default 5)")
+    ap.add_argument("--sizes", default=None, help="comma-separated rendezvous sizes (default 8,16,32,64,128; 8,32 with --quick)")
     ap.add_argument("--out", default=str(HERE / "results"), help="output directory")
     args = ap.parse_args(argv)
     if not os.path.exists(ETCD):
         print("no etcd binary: set ETCD_BINARY or install etcd-server", file=sys.stderr)
         return 2
-    res = run(quick=args.quick, reps=args.reps, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else None
+    res = run(quick=args.quick, reps=args.reps, sizes=sizes, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "etcd.json").write_text(json.dumps(res, indent=1) + "\n")
