@@ -179,12 +179,12 @@ def test_unreachable_upstream_resets_the_client():
         unused.bind(("127.0.0.1", 0))
         dead_port = unused.getsockname()[1]  # bound, not listening: connections are refused
         with FaultProxy("127.0.0.1", dead_port) as proxy:
-            with raw(proxy) as sock:
-                sock.settimeout(5)
-                try:
+            try:
+                with raw(proxy) as sock:
+                    sock.settimeout(5)
                     assert sock.recv(1) == b""
-                except ConnectionResetError:
-                    pass
+            except ConnectionResetError:
+                pass  # the proxy's reset can beat connect() returning (seen in CI under load), or come at recv
             proxy.wait_until(lambda s: s.upstream_failures == 1 and s.active == 0)
 
 
