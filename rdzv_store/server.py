@@ -149,9 +149,10 @@ class _Connection:
 
     What the transport used to do for us, and where it went:
 
-    * reading: ``_on_readable`` ``recv_into``s the server's one shared read buffer and copies
-      what arrived into this connection's decoder (a fresh ``bytes`` per read would cost glibc
-      an mmap/mremap/munmap per request at asyncio's 256 KiB read size);
+    * reading: ``_on_readable`` ``recv_into``s the server's one shared read buffer and lends it
+      to this connection's decoder, which keeps a copy only of what is left incomplete (a fresh
+      ``bytes`` per read would cost glibc an mmap/mremap/munmap per request at asyncio's 256 KiB
+      read size); a big field is received straight into its own final buffer instead;
     * writing: ``_send`` tries ``send`` at once (nearly always complete for small replies), and
       only what the kernel did not take is queued, as memoryviews, for ``_on_writable``;
     * flow control: when more than ``_HIGH_WATER`` bytes of replies are queued (a client that
