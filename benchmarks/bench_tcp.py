@@ -20,6 +20,9 @@ KIB = 1024
 MIB = 1024 * 1024
 
 SMALL_OPS = ["set+check", "add", "compare_set", "check", "get"]
+CPU_OPS = ["add", "check", "compare_set", "set+check"]
+FLOORS = ["echo", "raw"]  # the bare asyncio servers of floor_servers.py
+FLOOR = "raw"  # the one the round-trip figures alternate with the stores
 
 
 def _order(impls: list[str], rep: int) -> list[str]:
@@ -83,14 +86,39 @@ def _collect(raw: dict[str, dict[str, list[dict]]]) -> dict[str, Any]:
     return out
 
 
+def _floor_timed(port: int, size: tuple[int, int], budget: Budget, warmup: int) -> dict[str, float]:
+    """``_timed`` for the pure-Python floor: a blocking socket client and the ``raw`` floor server."""
+    from .floor_servers import FloorClient
+
+    client = FloorClient(port, *size)
+    try:
+        for _ in range(warmup):
+            client.request()
+        return _timed(client.request, budget)
+    finally:
+        client.close()
+
+
 def small_ops(impls: list[str], reps: int, budget: Budget) -> dict[str, Any]:
-    """Figures 1 and 2: sequential small ops and get, 1 KiB values, one client."""
+    """Figures 1 and 2: sequential small ops and get, 1 KiB values, one client.
+
+    With the stores, the round-trip floor of pure Python (``FLOOR``): a blocking-socket client
+    and the ``raw`` floor server exchanging each operation's request and reply sizes as
+    measured on our wire, alternated with the stores in every repetition.
+    """
     value = bytes(range(256)) * 4
-    raw: dict[str, dict[str, list[dict]]] = {impl: {op: [] for op in SMALL_OPS} for impl in impls}
+    kinds = [*impls, FLOOR]
+    raw: dict[str, dict[str, list[dict]]] = {k: {op: [] for op in SMALL_OPS} for k in kinds}
     with contextlib.ExitStack() as stack:
-        servers = {impl: stack.enter_context(server(impl)) for impl in impls}
+        servers = {k: stack.enter_context(server(k)) for k in kinds}
+        sizes = wire_sizes(servers["ours"].port, value, SMALL_OPS)
         for rep in range(reps):
-            for impl in _order(impls, rep):
+            for impl in _order(kinds, rep):
+                if impl == FLOOR:
+                    for op in SMALL_OPS:
+                        raw[impl][op].append(_floor_timed(servers[impl].port, sizes[op], budget,
+                                                          min(50, budget.count)))
+                    continue
                 store = make_client(impl, servers[impl].port)
                 try:
                     ops = _ops(store, value, str(rep))
@@ -103,18 +131,33 @@ def small_ops(impls: list[str], reps: int, budget: Budget) -> dict[str, Any]:
     return _collect(raw)
 
 
-def cas_sweep(impls: list[str], reps: int, sizes: list[int], budget: Budget) -> dict[str, Any]:
-    """Figure 3: compare_set vs set+check by value size (p50 ms per op)."""
-    raw: dict[str, dict[str, list[dict]]] = {impl: {} for impl in impls}
+def cas_sweep(impls: list[str], reps: int, sizes_: list[int], budget: Budget) -> dict[str, Any]:
+    """Figure 3: compare_set vs set+check by value size (p50 ms per op).
+
+    The ``raw`` floor moves each operation's request and reply bytes (measured on our wire)
+    through a blocking-socket client and the ``raw`` floor server: compare_set sends the
+    expected and the desired value and gets one back, three times set's bytes, so its ratio
+    is what any server over this loopback pays, alternated with the stores per repetition.
+    """
+    value_of = lambda size: (bytes(range(256)) * (size // 256 + 1))[:size]  # noqa: E731
+    kinds = [*impls, FLOOR]
+    raw: dict[str, dict[str, list[dict]]] = {k: {} for k in kinds}
     with contextlib.ExitStack() as stack:
-        servers = {impl: stack.enter_context(server(impl)) for impl in impls}
+        servers = {k: stack.enter_context(server(k)) for k in kinds}
+        sizes = {size: wire_sizes(servers["ours"].port, value_of(size), ["set+check", "compare_set"], calls=2)
+                 for size in sizes_}
         for rep in range(reps):
-            for impl in _order(impls, rep):
+            for impl in _order(kinds, rep):
+                if impl == FLOOR:
+                    for size in sizes_:
+                        for op in ("set+check", "compare_set"):
+                            raw[impl].setdefault(f"{op}@{size}", []).append(
+                                _floor_timed(servers[impl].port, sizes[size][op], budget, 1))
+                    continue
                 store = make_client(impl, servers[impl].port)
                 try:
-                    for size in sizes:
-                        value = (bytes(range(256)) * (size // 256 + 1))[:size]
-                        ops = _ops(store, value, f"{rep}_{size}")
+                    for size in sizes_:
+                        ops = _ops(store, value_of(size), f"{rep}_{size}")
                         for op in ("set+check", "compare_set"):
                             ops[op]()  # warm-up
                             raw[impl].setdefault(f"{op}@{size}", []).append(_timed(ops[op], budget))
@@ -223,8 +266,6 @@ def _fair(counts: list[int]) -> float:
 
 # -- server CPU per request ------------------------------------------------------------------
 
-CPU_OPS = ["add", "check", "compare_set", "set+check"]
-FLOORS = ["echo", "raw"]
 
 
 class _CountingProxy:
@@ -285,14 +326,14 @@ def _cpu_ops(store: Any, value: bytes, tag: str) -> dict[str, Any]:
     return {op: ops[op] for op in CPU_OPS}
 
 
-def wire_sizes(port: int, value: bytes, calls: int = 50) -> dict[str, tuple[int, int]]:
+def wire_sizes(port: int, value: bytes, names: list[str] = CPU_OPS, calls: int = 50) -> dict[str, tuple[int, int]]:
     """Bytes per operation each way (request, reply) of our client against our server, via a proxy."""
     proxy = _CountingProxy(port)
     store = make_client("ours", proxy.port)
     sizes: dict[str, tuple[int, int]] = {}
     try:
-        ops = _cpu_ops(store, value, "wire")
-        for op in CPU_OPS:
+        ops = _ops(store, value, "wire")
+        for op in names:
             ops[op]()  # warm-up
             up0, down0 = proxy.up, proxy.down
             for _ in range(calls):

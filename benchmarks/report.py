@@ -55,6 +55,13 @@ def holds(value: float | None, limit: float, smaller_is_better: bool = True) -> 
     return "yes" if ok else "**no**"
 
 
+def with_floor(verdict: str, floor_ratio: float | None, limit: float) -> str:
+    """A missed target whose pure-Python floor (same run) misses it too says so: the target stands."""
+    if verdict == "**no**" and floor_ratio is not None and round(floor_ratio, 2) > limit:
+        return f"**no**; floor {floor_ratio:.2f}x"
+    return verdict
+
+
 # The targets of issue 12 (the figure's ours/torch ratio unless stated otherwise).
 T_SMALL, T_GET, T_CPU, T_CAS = 1.1, 0.7, 1.2, 2.0
 T_STORM_TORCH, T_STORM_OURS, T_INIT = 1.0, 1.3, 1.0
@@ -93,7 +100,11 @@ def summary_rows(res: dict[str, Any], readme: bool = False) -> list[list[str]]:
                 else:
                     limit = T_GET if op == "get" else T_SMALL
                     target, ok = f"≤ {limit}x", holds(r, limit)
-                rows.append([name, fmt(ours.get(q)), fmt(torch.get(q)), fmt_ratio(r), target, ok])
+                floor = cell.get("raw", {}).get(q)
+                if q == "p50_us":
+                    ok = with_floor(ok, ratio(floor, torch.get(q)), limit)
+                rows.append([name, fmt(ours.get(q)) + (f" (floor: raw {fmt(floor)})" if floor else ""),
+                             fmt(torch.get(q)), fmt_ratio(r), target, ok])
     cpu = fig.get("server_cpu")
     if cpu:
         n = cpu.get("requests")
@@ -104,7 +115,8 @@ def summary_rows(res: dict[str, Any], readme: bool = False) -> list[list[str]]:
             r = ratio(ours, torch)
             rows.append([f"server CPU per request, {op} (µs, {n:,} requests)" if n else f"server CPU, {op} (µs)",
                          fmt(ours) + (f" (floor: {floors})" if floors else ""), fmt(torch), fmt_ratio(r),
-                         f"≤ {T_CPU}x", holds(r, T_CPU)])
+                         f"≤ {T_CPU}x", with_floor(holds(r, T_CPU), ratio(cell.get("raw", {}).get("cpu_us"), torch),
+                                                   T_CPU)])
     cas = fig.get("cas")
     if cas:
         for size in sorted(cas, key=int):
@@ -112,13 +124,14 @@ def summary_rows(res: dict[str, Any], readme: bool = False) -> list[list[str]]:
             torch = cas[size].get("torch", {})
             ro = ours.get("cas_over_set")
             rt = torch.get("cas_over_set")
+            rf = cas[size].get("raw", {}).get("cas_over_set")
             rows.append([
                 f"compare_set ÷ set+check, {size_name(int(size))}",
-                fmt_x(ro),
+                fmt_x(ro) + (f" (floor: raw {fmt_x(rf)})" if rf else ""),
                 fmt_x(rt),
                 fmt_ratio(ratio(ours.get("compare_set"), torch.get("compare_set"))) + " (cas time)",
                 f"ours ≤ {T_CAS:g}x",
-                holds(ro["median"] if ro else None, T_CAS),
+                with_floor(holds(ro["median"] if ro else None, T_CAS), rf["median"] if rf else None, T_CAS),
             ])
     agg = fig.get("aggregate")
     if agg:
@@ -223,7 +236,11 @@ def detail_sections(res: dict[str, Any]) -> list[str]:
         for op, cell in small.items():
             for impl, m in cell.items():
                 rows.append([op, impl, fmt(m["ops_per_s"]), fmt(m["p50_us"]), fmt(m["p99_us"])])
-        parts.append("### Small ops, one client, 1 KiB values\n\n" + _table(["op", "client→server", "ops/s", "p50 µs", "p99 µs"], rows))
+        parts.append("### Small ops, one client, 1 KiB values\n\n"
+                     "`raw` = the pure-Python round-trip floor: a blocking-socket client and the bare `raw` "
+                     "asyncio server (`benchmarks/floor_servers.py`) exchanging each operation's request and "
+                     "reply sizes as measured on our wire, nothing parsed; a target below the floor's ratio to "
+                     "torch cannot be met by a pure-Python client and server.\n\n" + _table(["op", "client→server", "ops/s", "p50 µs", "p99 µs"], rows))
     cpu = fig.get("server_cpu")
     if cpu:
         rows = []
@@ -250,6 +267,10 @@ def detail_sections(res: dict[str, Any]) -> list[str]:
                 rows.append([size_name(int(size)), impl, fmt(m.get("set+check")), fmt(m.get("compare_set")),
                              fmt(m.get("cas_over_set"))])
         parts.append("### compare_set vs set+check by value size (p50 ms per op)\n\n"
+                     "`raw` = the same bytes each way (measured on our wire) through a blocking-socket client "
+                     "and the bare `raw` asyncio server: compare_set moves three times set's bytes (expected "
+                     "and desired up, the value back), so the floor's ratio is what loopback charges any "
+                     "server.\n\n"
                      + _table(["value", "client→server", "set+check ms", "compare_set ms", "cas/set"], rows))
     agg = fig.get("aggregate")
     if agg:
