@@ -34,6 +34,7 @@ import contextlib
 import http.client
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -235,6 +236,7 @@ _AGENT_CHILD = r"""
 import json, sys, threading, time
 kind, endpoint, run_id, total, here = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 conf = {"read_timeout": "120", "join_timeout": "120", "last_call_timeout": "1"}
+AGENT_LIMIT_S = 300.0  # past the join timeout (120 s) plus a store call's read timeout
 handlers = []
 if kind.startswith("torch"):
     from torch.distributed.elastic.rendezvous import RendezvousParameters
@@ -265,15 +267,22 @@ def run(h):
         h.next_rendezvous(); done.append(time.monotonic())
     except BaseException as e:
         errors.append(repr(e))
-threads = [threading.Thread(target=run, args=(h,)) for h in handlers]
+threads = [threading.Thread(target=run, args=(h,), daemon=True) for h in handlers]
 for t in threads: t.start()
-for t in threads: t.join(400)
+end = time.monotonic() + AGENT_LIMIT_S  # one deadline for all, not one per thread
+for t in threads: t.join(max(0.0, end - time.monotonic()))
+stuck = sum(t.is_alive() for t in threads)
+if stuck:
+    errors.append(f"{stuck} agent(s) still in next_rendezvous() after {AGENT_LIMIT_S:.0f} s")
 print(json.dumps({"done": done, "errors": errors}), flush=True)
 sys.stdin.readline()  # shut down only when every process has finished
 for h in handlers:
     try: h.shutdown()
     except BaseException: pass
 """
+
+
+RESULT_LIMIT_S = 330.0  # the agents' own limit (AGENT_LIMIT_S) and then some
 
 
 def _rendezvous_once(python: str, kind: str, endpoint: str, n: int, processes: int = 4) -> float:
@@ -294,8 +303,15 @@ def _rendezvous_once(python: str, kind: str, endpoint: str, n: int, processes: i
             p.stdin.write("go\n")  # type: ignore[union-attr]
             p.stdin.flush()  # type: ignore[union-attr]
         finished: list[float] = []
+        deadline = t0 + RESULT_LIMIT_S
         for p in procs:
-            result = json.loads(p.stdout.readline())  # type: ignore[union-attr]
+            # Bounded: an agent process that hangs or dies without its result line ends the cell.
+            ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = p.stdout.readline() if ready else ""  # type: ignore[union-attr]
+            if not line:
+                raise RuntimeError(f"agent process {p.pid} gave no result within {RESULT_LIMIT_S:.0f} s"
+                                   + (f" (exit code {p.poll()})" if p.poll() is not None else ""))
+            result = json.loads(line)
             if result["errors"]:
                 raise RuntimeError(f"rendezvous failed: {result['errors'][:3]}")
             finished += result["done"]

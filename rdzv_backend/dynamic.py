@@ -414,6 +414,8 @@ class _BackendRendezvousStateHolder(_RendezvousStateHolder):
         self._token: Token = None
         self._dirty = False
         self._last_sync_time: float = -1
+        #: Seconds the last write took, encode to decode (the executor's back-off scales with it).
+        self.last_write_seconds = 0.0
         self._dead_nodes: list[NodeDesc] = []
         self._clock = clock or _SYSTEM_CLOCK
         self._codec = codec
@@ -473,10 +475,12 @@ class _BackendRendezvousStateHolder(_RendezvousStateHolder):
         state_bits: bytes | None = None
         token: Token = None
         has_set: bool | None
+        started = 0.0
 
         try:
             if self._dirty:
                 has_set = False
+                started = self._clock.monotonic()
                 encode, _ = self._coders()
                 state_bits = encode(self._state)
                 set_response = self._backend.set_state(state_bits, self._token)
@@ -497,6 +501,8 @@ class _BackendRendezvousStateHolder(_RendezvousStateHolder):
             self._state = self._decode(state_bits)
         else:
             self._state = RendezvousState()
+        if has_set is not None:
+            self.last_write_seconds = max(0.0, self._clock.monotonic() - started)
 
         if has_set and self._dead_nodes and logger.isEnabledFor(logging.DEBUG):
             node_list = ", ".join(f"'{dead_node}'" for dead_node in self._dead_nodes)
@@ -609,11 +615,11 @@ class _DistributedRendezvousOpExecutor:
         has_set = self._state_holder.sync()
         if has_set is False:
             # Lost a conditional write. torch retries at once; with hundreds of nodes that can
-            # livelock (every read-modify-write loses to another). Back off by a random time that
-            # doubles with each consecutive loss (at most 1 s, the poll period). Timing only.
-            # After the pause, decide on a fresh read, not on the state the lost write returned.
+            # livelock (every read-modify-write loses to another). Back off by a random time
+            # (timing only; see backoff_cap). After the pause, decide on a fresh read, not on the
+            # state the lost write returned.
             self._lost += 1
-            pause = self._clock.uniform(0, min(1.0, 0.01 * 2 ** min(self._lost, 7)))
+            pause = self._clock.uniform(0, self.backoff_cap())
             if pause >= 0.01:
                 _delay(pause, self._clock)
                 if isinstance(self._state_holder, _BackendRendezvousStateHolder):
@@ -670,6 +676,26 @@ class _DistributedRendezvousOpExecutor:
             self._mark_rendezvous_closed()
         self._state_holder.mark_dirty()
         return action, deadline
+
+    def backoff_cap(self) -> float:
+        """The upper bound of the random pause after ``self._lost`` consecutive lost writes.
+
+        It doubles per loss from 20 ms, up to the larger of the 1 s poll period and
+        ``2 x contenders x last write time``: every node in the state writes it whole (joins,
+        heartbeats), so with N contenders retrying uniformly within the cap, a write meets
+        another about ``2 N w / cap`` times per write time ``w``. Slotted ALOHA's best is one,
+        hence the cap; below it, lost attempts outnumber won ones and each costs the store as
+        much as a win. That is what failed 128 agents over etcd on a CPU-starved host: attempts
+        took 50 ms, the 1 s cap made ~6 attempts per window, almost none won, and heartbeats
+        expired. Never longer than the keep-alive interval, so a node still tries to write at
+        least once per heartbeat period.
+        """
+        holder = self._state_holder
+        write_s = holder.last_write_seconds if isinstance(holder, _BackendRendezvousStateHolder) else 0.0
+        contenders = max(1, len(holder.state.last_heartbeats))  # as the lost write returned it
+        ceiling = max(1.0, 2 * contenders * write_s)
+        ceiling = min(ceiling, max(1.0, self._settings.keep_alive_interval.total_seconds()))
+        return min(ceiling, 0.01 * 2 ** min(self._lost, 12))
 
     def run(
         self,

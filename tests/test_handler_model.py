@@ -53,7 +53,7 @@ from rdzv_backend.dynamic import (
     _RendezvousKeepAliveOp,
 )
 from rdzv_backend.state import NodeDesc, RendezvousState
-from rdzv_backend.state_codec import decode_state
+from rdzv_backend.state_codec import decode_state, encode_state
 from rdzv_store import HashStore
 
 RUN = "model"
@@ -326,6 +326,46 @@ def test_holder_cache_write_and_conflict() -> None:
     assert b.holder.sync() is False
     assert set(b.holder.state.participants) == {a.node}
     assert set(stored(store).participants) == {a.node}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("contenders", "write_s", "ceiling"), [(2, 0.02, 1.0), (40, 0.02, 1.6), (200, 0.02, 5.0)])
+def test_backoff_after_lost_writes_grows_with_contenders_and_write_time(
+    contenders: int, write_s: float, ceiling: float
+) -> None:
+    # After k consecutive lost writes the pause is uniform(0, cap): cap doubles from 20 ms up to
+    # max(1 s, 2 x contenders x write time), never past the 5 s keep-alive interval; a won write
+    # starts over. (With 200 nodes whose writes take 20 ms, a 1 s cap meant 8 attempts per write
+    # window: hardly any won.)
+    _, clock, (a,) = make_sims(1, 1, 2, keep_alive_max_attempt=10_000)
+    state = RendezvousState()
+    for i in range(contenders):
+        state.last_heartbeats[NodeDesc("10.0.0.9", 7, i)] = NOW
+    bits = encode_state(state)
+    outcome = [False]
+
+    def set_state(new_bits: bytes, token: Any = None) -> tuple[bytes, Any, bool]:
+        clock.advance(write_s)  # the write's round trip
+        return (new_bits if outcome[0] else bits), "token", outcome[0]
+
+    a.backend.set_state = set_state  # type: ignore[method-assign]
+    a.backend.get_state = lambda: (bits, "token")  # type: ignore[method-assign]
+    caps: list[float] = []
+    real_uniform = clock.uniform
+    clock.uniform = lambda low, high: (caps.append(high), real_uniform(low, high))[1]  # type: ignore[method-assign]
+
+    def lose_once() -> None:
+        a.holder.mark_dirty()
+        a.ex.step(lambda ctx, deadline: _Action.FINISH, clock.monotonic() + 600)
+
+    for _ in range(12):
+        lose_once()
+    assert caps == pytest.approx([min(ceiling, 0.01 * 2**k) for k in range(1, 13)])
+    assert a.holder.last_write_seconds == pytest.approx(write_s)
+    outcome[0] = True
+    lose_once()  # won: no pause
+    outcome[0] = False
+    lose_once()
+    assert len(caps) == 13 and caps[-1] == pytest.approx(0.02)
 
 
 def test_sanitize_removes_dead_nodes_with_the_epilogue() -> None:
