@@ -738,6 +738,12 @@ class StoreServer:
         allow_torch_clients: bool = False,
         metrics: int | tuple[str, int] | None = None,
     ) -> None:
+        if sock is None and not host:
+            # getaddrinfo("") with AI_PASSIVE is the wildcard: an unset $MASTER_ADDR would
+            # silently expose the store on every interface. Make that an explicit choice.
+            raise ValueError(
+                f"host must be a non-empty address, not {host!r} (ask for 0.0.0.0 or :: to bind every interface)"
+            )
         self.host = host
         self._requested_port = port
         self.limits = limits

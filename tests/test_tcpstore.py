@@ -242,6 +242,16 @@ def test_server_binds_only_the_requested_host(master):
                 s.connect(("::1", master.port))
 
 
+def test_server_refuses_an_empty_host_instead_of_binding_every_interface():
+    # "" resolves (AI_PASSIVE) to the wildcard; an unset $MASTER_ADDR must not expose the store.
+    from rdzv_store import StoreServer
+
+    with pytest.raises(ValueError, match=r"non-empty address, not '' \(ask for 0\.0\.0\.0 or :: "):
+        StoreServer("", 0)
+    with pytest.raises(ValueError, match="non-empty address"):
+        TCPStore("", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=2))
+
+
 def test_no_reverse_dns_anywhere(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("reverse DNS lookup")
