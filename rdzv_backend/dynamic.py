@@ -685,10 +685,10 @@ class _DistributedRendezvousOpExecutor:
         heartbeats), so with N contenders retrying uniformly within the cap, a write meets
         another about ``2 N w / cap`` times per write time ``w``. Slotted ALOHA's best is one,
         hence the cap; below it, lost attempts outnumber won ones and each costs the store as
-        much as a win. That is what failed 128 agents over etcd on a CPU-starved host: attempts
-        took 50 ms, the 1 s cap made ~6 attempts per window, almost none won, and heartbeats
-        expired. Never longer than the keep-alive interval, so a node still tries to write at
-        least once per heartbeat period.
+        much as a win (with a 1 s cap, 128 nodes whose writes take 50 ms meet ~13 times per
+        write). Never longer than the keep-alive interval, so a node still tries to write at
+        least once per heartbeat period; when N writes take longer than that period (a starved
+        host), no back-off helps: heartbeats expire whatever the pauses.
         """
         holder = self._state_holder
         write_s = holder.last_write_seconds if isinstance(holder, _BackendRendezvousStateHolder) else 0.0
