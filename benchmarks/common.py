@@ -195,11 +195,14 @@ _LIVE: set[subprocess.Popen] = set()
 _CLEANUP_INSTALLED = False
 
 
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# PR_SET_PDEATHSIG is set by a tiny exec wrapper, not a ``preexec_fn``: with a preexec_fn, Popen
+# forks through Python's at-fork hooks (logging registers some), and a SIGTERM whose handler runs
+# inside one of them raises SystemExit where it is swallowed as "unraisable": the runner carried
+# on as if never signalled (seen in CI on 3.12, ~1 run in 3). The death signal survives execve.
+_PDEATHSIG_EXEC = (
+    "import ctypes, os, sys; ctypes.CDLL(None, use_errno=True).prctl(1, 15); "  # PR_SET_PDEATHSIG, SIGTERM
+    "os.execvp(sys.argv[1], sys.argv[1:])"
+)
 
 
 def spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
@@ -209,7 +212,8 @@ def spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
     SIGKILL; :func:`install_cleanup` stops tracked children on SIGINT/SIGTERM/SIGHUP and at exit.
     """
     kwargs.setdefault("start_new_session", True)
-    kwargs.setdefault("preexec_fn", _pdeathsig)
+    if sys.platform.startswith("linux"):
+        cmd = [sys.executable, "-c", _PDEATHSIG_EXEC, *cmd]
     proc = subprocess.Popen(cmd, **kwargs)
     _LIVE.add(proc)
     return proc
