@@ -345,8 +345,8 @@ class _Connection:
             if done == len(parts):
                 return
             parts = [memoryview(parts[done])[sent:], *parts[done + 1 :]]  # type: ignore[list-item]
-        for part in parts:
-            self._send(part)
+        for part in parts:  # the kernel took what it could: queue the rest, no second try
+            self._enqueue(part)
 
     def _send(self, data: bytes | memoryview) -> None:
         if self._closed or self._sock is None:
@@ -362,6 +362,11 @@ class _Connection:
             if sent == len(data):
                 return
             data = memoryview(data)[sent:]
+        self._enqueue(data)
+
+    def _enqueue(self, data: bytes | memoryview) -> None:
+        """Queue unsent reply bytes for ``_on_writable`` (in order, after what is queued)."""
+        if not self._queue:
             self._loop.add_writer(self._fd, self._on_writable)
             self._writing = True
         self._queue.append(data)
@@ -626,6 +631,13 @@ _HANDLERS: dict[int, Callable[[_Connection, p.Request], Reply | None]] = {
 }
 
 
+def _refuse_wildcard(host: object, what: str) -> None:
+    """Refuse an empty host: getaddrinfo("") with AI_PASSIVE is the wildcard, so an unset
+    $MASTER_ADDR would silently expose a listener on every interface. That must be asked for."""
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"{what} must be a non-empty address, not {host!r} (ask for 0.0.0.0 or :: to bind every interface)")
+
+
 def _bind_sockets(host: str, port: int, failure: Callable[[str], str]) -> list[socket.socket]:
     """Bound (not yet listening) sockets for every address ``host`` resolves to, one port for all.
 
@@ -671,10 +683,7 @@ def _metrics_address(metrics: int | tuple[str, int] | None) -> tuple[str, int] |
         host, port = "127.0.0.1", metrics
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"metrics port must be an integer in 0..65535, not {port!r}")
-    if not isinstance(host, str) or not host:
-        raise ValueError(
-            f"metrics host must be a non-empty address, not {host!r} (ask for 0.0.0.0 or :: to bind every interface)"
-        )
+    _refuse_wildcard(host, "metrics host")
     return host, port
 
 
@@ -738,12 +747,8 @@ class StoreServer:
         allow_torch_clients: bool = False,
         metrics: int | tuple[str, int] | None = None,
     ) -> None:
-        if sock is None and not host:
-            # getaddrinfo("") with AI_PASSIVE is the wildcard: an unset $MASTER_ADDR would
-            # silently expose the store on every interface. Make that an explicit choice.
-            raise ValueError(
-                f"host must be a non-empty address, not {host!r} (ask for 0.0.0.0 or :: to bind every interface)"
-            )
+        if sock is None:
+            _refuse_wildcard(host, "host")
         self.host = host
         self._requested_port = port
         self.limits = limits
