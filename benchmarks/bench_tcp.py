@@ -131,7 +131,7 @@ def small_ops(impls: list[str], reps: int, budget: Budget) -> dict[str, Any]:
     return _collect(raw)
 
 
-def cas_sweep(impls: list[str], reps: int, sizes_: list[int], budget: Budget) -> dict[str, Any]:
+def cas_sweep(impls: list[str], reps: int, sizes: list[int], budget: Budget) -> dict[str, Any]:
     """Figure 3: compare_set vs set+check by value size (p50 ms per op).
 
     The ``raw`` floor moves each operation's request and reply bytes (measured on our wire)
@@ -144,19 +144,19 @@ def cas_sweep(impls: list[str], reps: int, sizes_: list[int], budget: Budget) ->
     raw: dict[str, dict[str, list[dict]]] = {k: {} for k in kinds}
     with contextlib.ExitStack() as stack:
         servers = {k: stack.enter_context(server(k)) for k in kinds}
-        sizes = {size: wire_sizes(servers["ours"].port, value_of(size), ["set+check", "compare_set"], calls=2)
-                 for size in sizes_}
+        wire = {size: wire_sizes(servers["ours"].port, value_of(size), ["set+check", "compare_set"], calls=2)
+                for size in sizes}
         for rep in range(reps):
             for impl in _order(kinds, rep):
                 if impl == FLOOR:
-                    for size in sizes_:
+                    for size in sizes:
                         for op in ("set+check", "compare_set"):
                             raw[impl].setdefault(f"{op}@{size}", []).append(
-                                _floor_timed(servers[impl].port, sizes[size][op], budget, 1))
+                                _floor_timed(servers[impl].port, wire[size][op], budget, 1))
                     continue
                 store = make_client(impl, servers[impl].port)
                 try:
-                    for size in sizes_:
+                    for size in sizes:
                         ops = _ops(store, value_of(size), f"{rep}_{size}")
                         for op in ("set+check", "compare_set"):
                             ops[op]()  # warm-up
@@ -265,7 +265,6 @@ def _fair(counts: list[int]) -> float:
 
 
 # -- server CPU per request ------------------------------------------------------------------
-
 
 
 class _CountingProxy:

@@ -371,6 +371,9 @@ _decoded_cache = _DecodedCache()
 class _RendezvousStateHolder:
     """Holds the shared state, synced with the other nodes (torch's ABC)."""
 
+    #: Seconds the last write took, encode to decode (the executor's back-off scales with it).
+    last_write_seconds = 0.0
+
     @property
     def state(self) -> RendezvousState:
         raise NotImplementedError
@@ -414,8 +417,6 @@ class _BackendRendezvousStateHolder(_RendezvousStateHolder):
         self._token: Token = None
         self._dirty = False
         self._last_sync_time: float = -1
-        #: Seconds the last write took, encode to decode (the executor's back-off scales with it).
-        self.last_write_seconds = 0.0
         self._dead_nodes: list[NodeDesc] = []
         self._clock = clock or _SYSTEM_CLOCK
         self._codec = codec
@@ -691,9 +692,8 @@ class _DistributedRendezvousOpExecutor:
         host), no back-off helps: heartbeats expire whatever the pauses.
         """
         holder = self._state_holder
-        write_s = holder.last_write_seconds if isinstance(holder, _BackendRendezvousStateHolder) else 0.0
         contenders = max(1, len(holder.state.last_heartbeats))  # as the lost write returned it
-        ceiling = max(1.0, 2 * contenders * write_s)
+        ceiling = max(1.0, 2 * contenders * holder.last_write_seconds)
         ceiling = min(ceiling, max(1.0, self._settings.keep_alive_interval.total_seconds()))
         return min(ceiling, 0.01 * 2 ** min(self._lost, 12))
 
