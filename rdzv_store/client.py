@@ -9,6 +9,7 @@ closed, because its byte stream can no longer be trusted.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -58,25 +59,95 @@ def connect_with_retry(host: str, port: int, timeout: float, secret: bytes | Non
     handshake; its failure is raised at once (``StoreAuthError``), not retried.
 
     Retries follow ``retry.ConnectRetry``. One attempt is always made, even
-    with ``timeout <= 0``.
+    with ``timeout <= 0``. The socket returned has TCP_NODELAY set; on Linux it
+    is blocking, its sends and receives bounded in the kernel (SO_SNDTIMEO,
+    SO_RCVTIMEO) by the last attempt's bound; elsewhere by a Python timeout.
     """
     return _connect(host, port, timeout, secret)[0]
 
 
+def _kernel_timeout(sock: socket.socket, seconds: float) -> None:
+    """Bound each send and recv on ``sock`` by ``seconds`` in the kernel (never 0: "no timeout")."""
+    seconds = max(seconds, 0.001)
+    whole = int(seconds)
+    tv = _TIMEVAL.pack(whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def _open(host: str, port: int, bound: float) -> socket.socket:
+    """A connected TCP socket with TCP_NODELAY, its connect, sends and receives bounded by ``bound``.
+
+    With kernel timeouts, the socket stays blocking and the kernel bounds ``connect()`` too
+    (Linux applies SO_SNDTIMEO to it, failing with EINPROGRESS). ``create_connection`` with a
+    Python timeout makes it non-blocking and polls around the connect and every handshake
+    read, then ``_adopt`` had to make it blocking again: 7 system calls per connect instead of
+    13, which matters to thousands of clients connecting at once (the storm benchmark).
+    """
+    if not _KERNEL_TIMEOUTS:
+        sock = socket.create_connection((host, port), timeout=bound)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    error: OSError | None = None
+    for family, address in _addresses(host, port):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            _kernel_timeout(sock, bound)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            timed_out = exc.errno in (errno.EINPROGRESS, errno.EAGAIN)
+            error = socket.timeout(f"connect timed out after {format_ms(bound)}") if timed_out else exc
+            continue
+        return sock
+    assert error is not None  # getaddrinfo returns at least one address or raises gaierror
+    raise error
+
+
+def _addresses(host: str, port: int) -> list[tuple[int, Any]]:
+    """(family, address) pairs to try for ``host``: a numeric IPv4 or IPv6 address as it is.
+
+    ``getaddrinfo`` releases the GIL even for a numeric address; in a process whose hundreds
+    of client threads connect at once, every release is a handoff to another thread and back.
+    """
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, ValueError):  # ValueError: an embedded NUL
+            continue
+        return [(family, (host, port) if family == socket.AF_INET else (host, port, 0, 0))]
+    return [(info[0], info[4]) for info in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)]
+
+
 def _connect(
-    host: str, port: int, timeout: float, secret: bytes | None = None, probe: bool = False
-) -> tuple[socket.socket, bool | None]:
+    host: str,
+    port: int,
+    timeout: float,
+    secret: bytes | None = None,
+    probe: bool = False,
+    io_timeout: float | None = None,
+) -> tuple[socket.socket, bool | None, float]:
     """``connect_with_retry``, plus, with ``probe``, whether the server follows libuv's rules
-    (see ``commands.PROBE_KEY``); ``None`` when not probed."""
+    (see ``commands.PROBE_KEY``), ``None`` when not probed; and the bound the socket's sends
+    and receives have (see ``_open``).
+
+    ``io_timeout``: the bound the caller will set for its replies. When the attempt's bound is
+    within 10 ms below it (the first attempt, nearly always), the attempt uses it instead, so
+    the socket needs no second pair of ``setsockopt`` (the deadline may be passed by <= 10 ms).
+    """
     retry = ConnectRetry(host, port, timeout)
     while True:
+        bound = retry.attempt_timeout()
+        if io_timeout is not None and 0.0 <= io_timeout - bound <= 0.01:
+            bound = io_timeout
         try:
-            sock = socket.create_connection((host, port), timeout=retry.attempt_timeout())
+            sock = _open(host, port, bound)
         except OSError as exc:
             error: OSError = exc
         else:
             try:
-                libuv_rules = _handshake(sock, retry.deadline, secret, f"{host}:{port}", probe)
+                libuv_rules = _handshake(sock, secret, f"{host}:{port}", probe)
             except auth.StoreAuthError:
                 sock.close()
                 raise
@@ -85,11 +156,13 @@ def _connect(
                 error = exc
             else:
                 if libuv_rules is not False:
-                    return sock, libuv_rules
+                    return sock, libuv_rules, bound
                 # torch's legacy server answered the handshake, then dropped us on the probe's
                 # GET. Nothing else was sent: connect again at once, without the probe.
                 sock.close()
-                return _connect(host, port, max(retry.deadline - time.monotonic(), 0.0), secret)[0], False
+                left = max(retry.deadline - time.monotonic(), 0.0)
+                sock, _, bound = _connect(host, port, left, secret, io_timeout=io_timeout)
+                return sock, False, bound
         time.sleep(retry.after_failure(error))
 
 
@@ -113,7 +186,10 @@ class _HandshakeReader:
         end = self.pos + n
         self.ahead = max(self.ahead, end)
         while len(self.buf) < end:
-            chunk = self.sock.recv(self.ahead - len(self.buf))
+            try:
+                chunk = self.sock.recv(self.ahead - len(self.buf))
+            except BlockingIOError:  # SO_RCVTIMEO expired (see _open)
+                raise socket.timeout("no reply to the handshake in time") from None
             if not chunk:
                 raise ConnectionResetError("the server closed the connection during the handshake")
             self.buf += chunk
@@ -134,15 +210,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
 
-def _handshake(
-    sock: socket.socket, deadline: float, secret: bytes | None = None, address: str = "", probe: bool = False
-) -> bool | None:
+def _handshake(sock: socket.socket, secret: bytes | None = None, address: str = "", probe: bool = False) -> bool | None:
     """Send VALIDATE and PING (plus the secret check and the probe, pipelined); check the replies.
-    Returns the probe's verdict: True for libuv rules, False for a legacy server, None unprobed."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    Returns the probe's verdict: True for libuv rules, False for a legacy server, None unprobed.
+    The socket's own bound (``_open``) bounds each send and receive."""
     nonce = _pid & 0xFFFFFFFF  # getpid(), refreshed after a fork
     # Both in one send: torch's libuv server also accepts them merged in one segment.
-    sock.settimeout(max(deadline - time.monotonic(), 0.5))
     request = p.encode_validate() + p.encode_ping(nonce)
     proof = b""
     if secret is not None:  # the shared-secret check, pipelined: no extra round trip
@@ -230,10 +303,10 @@ class Connection:
         self._op = ""
         self._keys: commands.Keys = None
         self._unanswered: tuple[str, commands.Keys] | None = None
-        sock, self.libuv_rules = _connect(host, port, timeout, secret, probe)
-        self._adopt(sock)
+        sock, self.libuv_rules, bound = _connect(host, port, timeout, secret, probe, self.reply_timeout)
+        self._adopt(sock, bound)
 
-    def _adopt(self, sock: socket.socket) -> None:
+    def _adopt(self, sock: socket.socket, bound: float) -> None:
         self._sock = sock
         # Big reply values (a 8 MiB get) are received straight into a buffer of their final size.
         self._decoder = p.StreamDecoder(self.limits.max_request, in_place=_IN_PLACE)
@@ -243,11 +316,10 @@ class Connection:
         self._rpos = self._rend = 0
         self._idle = True
         self._filled = False  # the last read filled the (first, small) buffer
-        self._io_timeout: float | None = None  # the kernel timeout set on the socket, if any
+        # The kernel timeout set on the socket (by _open), if any.
+        self._io_timeout: float | None = bound if _KERNEL_TIMEOUTS else None
         self._unanswered = None
         self._last_send = time.monotonic()
-        if _KERNEL_TIMEOUTS:
-            sock.settimeout(None)  # blocking; the kernel times out each send/recv
         if hasattr(select, "poll"):
             self._poll = select.poll()
             self._poll.register(sock.fileno(), select.POLLIN)
@@ -299,8 +371,8 @@ class Connection:
     def _reconnect(self) -> socket.socket:
         """Open a new connection with the full handshake (no probe: we know the server's rules).
         Raises ``StoreConnectionError`` (or ``StoreAuthError``) once the store timeout is spent."""
-        sock, _ = _connect(self.host, self.port, self.connect_timeout, self._secret)
-        self._adopt(sock)
+        sock, _, bound = _connect(self.host, self.port, self.connect_timeout, self._secret, io_timeout=self.reply_timeout)
+        self._adopt(sock, bound)
         self.reconnects += 1
         log.info("reconnected to the store at %s", self.address)
         return sock
@@ -318,12 +390,8 @@ class Connection:
         # setsockopt per read would cost what the kernel timeouts save.
         if current is not None and seconds <= current <= seconds + 0.01:
             return
-        seconds = max(seconds, 0.001)
-        whole = int(seconds)
-        tv = _TIMEVAL.pack(whole, int((seconds - whole) * 1e6))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        self._io_timeout = seconds
+        _kernel_timeout(sock, seconds)
+        self._io_timeout = max(seconds, 0.001)
 
     def send(self, data: bytes, fresh: bool = True) -> None:
         """Send ``data``. ``fresh``: a new request (may reconnect first); otherwise part of an

@@ -35,6 +35,7 @@ from real_components import unavailable
 __all__ = [
     "etcd_binary",
     "free_port",
+    "free_ports",
     "EtcdMember",
     "EtcdCluster",
     "shared_member",
@@ -53,9 +54,20 @@ def etcd_binary() -> str:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports. All are held bound until all are chosen: one at a time,
+    the kernel may hand out a port just released again (seen: a cluster with a duplicate URL)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _die_with_parent() -> None:
@@ -203,8 +215,9 @@ class EtcdCluster:
 
     def start(self) -> EtcdCluster:
         for attempt in range(5):
+            ports = free_ports(2 * self.size)
             self.members = [
-                EtcdMember(f"n{i}", free_port(), free_port(), os.path.join(self.root, f"a{attempt}-n{i}"))
+                EtcdMember(f"n{i}", ports[2 * i], ports[2 * i + 1], os.path.join(self.root, f"a{attempt}-n{i}"))
                 for i in range(self.size)
             ]
             self.token_used = self.token + f"-{attempt}"

@@ -15,7 +15,7 @@ import time
 import uuid
 
 import pytest
-from etcd_helpers import EtcdCluster, etcd_binary, free_port, post, shared_member
+from etcd_helpers import EtcdCluster, etcd_binary, free_port, free_ports, post, shared_member
 
 from rdzv_store import (
     EtcdAuthError,
@@ -412,7 +412,7 @@ def tls_member(tmp_path_factory):
             except StoreError:
                 return False
 
-    member = TlsMember("n0", free_port(), free_port(), os.path.join(cluster.root, "n0"))
+    member = TlsMember("n0", *free_ports(2), os.path.join(cluster.root, "n0"))
     cluster.members = [member]
     member.start(cluster.initial_cluster, cluster.token, extra=cluster.extra)
     cluster.token_used = cluster.token

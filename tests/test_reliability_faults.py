@@ -281,6 +281,33 @@ def test_client_reads_are_bounded_when_a_server_accepts_and_never_answers():
         assert proxy.stats().dropped_to_server > 0  # the handshake went out, nothing came back
 
 
+def test_connect_is_bounded_when_the_servers_backlog_is_full():
+    """A listener whose accept queue is full drops SYNs: connect() itself must time out (the
+    client sets the kernel's SO_SNDTIMEO before connecting, which bounds connect on Linux)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(8):  # more than the queue holds; never accepted
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        started = time.monotonic()
+        with pytest.raises(StoreConnectionError) as info:
+            TCPStore("127.0.0.1", port, timeout=timedelta(seconds=1))
+        elapsed = time.monotonic() - started
+        assert 1.0 <= elapsed < 4.0, elapsed
+        assert f"(127.0.0.1, {port})" in str(info.value)
+        assert "timed out" in str(info.value)
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
 @pytest.mark.parametrize("how", ["rst", "fin"])
 def test_connections_cut_under_blocked_clients_fail_them_at_once(how):
     """A middlebox (or a dying peer's kernel) resets or closes the connections of clients blocked

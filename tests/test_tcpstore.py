@@ -242,6 +242,34 @@ def test_server_binds_only_the_requested_host(master):
                 s.connect(("::1", master.port))
 
 
+@pytest.mark.parametrize(
+    ("bind", "connect", "resolves"),
+    [("127.0.0.1", "127.0.0.1", False), ("::1", "::1", False), ("127.0.0.1", "localhost", True)],
+)
+def test_clients_connect_by_numeric_address_or_name(monkeypatch, bind, connect, resolves):
+    """A numeric address is used as it is (no getaddrinfo, which releases the GIL); a name is
+    resolved. The connection is blocking, bounded by kernel timeouts (one per send and recv)."""
+    if ":" in bind and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    from rdzv_store import client as client_module
+
+    lookups = []
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: lookups.append(a[0]) or real(*a, **k))
+    with TCPStore(bind, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10)) as master:
+        lookups.clear()
+        with TCPStore(connect, master.port, wait_for_workers=False, timeout=timedelta(seconds=10)) as store:
+            assert store.add("n", 2) == 2
+            sock = store._conn._sock
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            if client_module._KERNEL_TIMEOUTS:
+                assert sock.gettimeout() is None  # blocking: the kernel bounds each call
+                tv = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, client_module._TIMEVAL.size)
+                assert client_module._TIMEVAL.unpack(tv)[0] in (9, 10)  # the store timeout, 10 s
+        assert master.get("n") == b"2"
+    assert (connect in lookups) is resolves
+
+
 def test_server_refuses_an_empty_host_instead_of_binding_every_interface():
     # "" resolves (AI_PASSIVE) to the wildcard; an unset $MASTER_ADDR must not expose the store.
     from rdzv_store import StoreServer
