@@ -13,8 +13,9 @@ after every repetition:
    labelled ``Counter`` children and one ``Histogram`` child, bound in advance: the cheapest
    way to use it), each net of the two clock reads both need. This is the decision.
 2. **Server CPU per request, in process**: the real ``_Connection`` of ``StoreServer``,
-   fed complete requests one read at a time through ``_received`` (the worst case for
-   the hooks: nothing to amortise over) with a socket that takes every reply; metrics off
+   fed complete requests one read at a time through ``_on_readable`` (the worst case for
+   the hooks: nothing to amortise over) by a socket that hands it one request per
+   ``recv_into`` and takes every reply; metrics off
    and on. No network, no scheduler: the hot path itself.
 3. **Small-op round trips**: one ``TCPStore`` client against three fresh ``rdzv-store serve``
    processes, one started with ``--metrics-port 0`` and two without (the second is a control:
@@ -90,7 +91,15 @@ def rotations(names: list[str], rep: int) -> list[str]:
 
 
 class _NullSocket:
-    """What ``_Connection`` needs of its socket: every send taken whole, as the kernel nearly always does."""
+    """What ``_Connection`` needs of its socket: ``recv_into`` hands over ``incoming`` (one
+    request per read), every send is taken whole, as the kernel nearly always does."""
+
+    incoming = b""
+
+    def recv_into(self, buffer: Any) -> int:
+        n = len(self.incoming)
+        buffer[:n] = self.incoming
+        return n
 
     def send(self, data: bytes) -> int:
         return len(data)
@@ -182,29 +191,27 @@ class InProcess:
 
         self.server = StoreServer("127.0.0.1", 0, metrics=None if mode == "off" else 0)
         self.mode = mode
-        self.conn = _Connection(self.server, _NullSocket(), "127.0.0.1:1")  # type: ignore[arg-type]
+        self.sock = _NullSocket()
+        self.conn = _Connection(self.server, self.sock, "127.0.0.1:1")  # type: ignore[arg-type]
         self.server._admit(self.conn)
-        self.buffer = self.server._read_buffer
         self.sent = 0
         self._feed(p.encode_validate())
         self._feed(p.encode_key_value(Q.SET, b"/value", VALUE))
         self.reqs = _requests()
-        self.sizes = [len(r) for r in self.reqs]
 
     def _feed(self, data: bytes) -> None:
-        self.buffer[: len(data)] = data
-        self.conn._received(len(data))
+        self.sock.incoming = data
+        self.conn._on_readable()
         self.sent += 1
 
     def run(self, count: int) -> int:
-        reqs, sizes, buffer, feed = self.reqs, self.sizes, self.buffer, self.conn._received
+        reqs, sock, readable = self.reqs, self.sock, self.conn._on_readable
         n = len(reqs)
         clock = time.process_time_ns
         t0 = clock()
         for i in range(count):
-            j = i % n
-            buffer[: sizes[j]] = reqs[j]  # what recv_into does
-            feed(sizes[j])
+            sock.incoming = reqs[i % n]
+            readable()
         elapsed = clock() - t0
         self.sent += count
         if self.mode == "on":

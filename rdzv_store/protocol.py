@@ -166,7 +166,7 @@ class StreamDecoder:
         Why: the server receives every connection's bytes into one shared buffer.
         Copying each small request into the connection's buffer and clearing it again
         was the largest cost of a small request after the syscalls (profile in
-        ``rdzv_store/server.py``'s ``_Connection._received``).
+        ``rdzv_store/server.py``'s ``_Connection._on_readable``).
         """
         if self._lent is not None or self._gen is not None or self._pos != len(self._buf):
             self.feed(memoryview(buffer)[:end])
@@ -175,13 +175,15 @@ class StreamDecoder:
         self._lent_pos = 0
         self._lent_end = end
 
-    def keep(self) -> None:
-        """Copy what is left of a lent buffer (``lend``) into the decoder's own buffer."""
+    def keep(self) -> int:
+        """Copy what is left of a lent buffer (``lend``) into the decoder's own buffer; return
+        ``held`` (what the server's budget counts, in the same call: it runs per read)."""
         lent = self._lent
         if lent is not None:
             self._lent = None
             if self._lent_pos < self._lent_end:
                 self._buf += memoryview(lent)[self._lent_pos : self._lent_end]
+        return self._size + len(self._buf) - self._pos
 
     @property
     def buffered(self) -> int:
@@ -225,6 +227,8 @@ class StreamDecoder:
         gen = self._gen
         if gen is None:
             if fast is not None:
+                if self._pos == len(buf):
+                    return NEED_DATA  # nothing buffered: no parser to start yet
                 # A message that is already complete in the buffer (the common case for a
                 # server's small requests) is parsed by ``fast`` without a generator. It
                 # declines (None) anything incomplete or unusual: the generator path below
@@ -235,8 +239,6 @@ class StreamDecoder:
                     self._pos = found[1]
                     self._compact()
                     return found[0]
-                if self._pos == len(buf):
-                    return NEED_DATA  # nothing buffered: no parser to start yet
             gen = start()
             self._size = 0
             try:
@@ -407,11 +409,14 @@ def fast_request_parser(limits: Limits) -> FastParser:
     max_key = limits.max_key
     max_value = limits.max_value
     max_keys = limits.max_keys
-    kv_ops = (QueryType.SET, QueryType.APPEND, QueryType.QUEUE_PUSH)
-    key_ops = (QueryType.GET, QueryType.DELETE_KEY, QueryType.QUEUE_POP, QueryType.QUEUE_LEN)
-    keys_ops = (QueryType.CHECK, QueryType.WAIT, QueryType.MULTI_GET)
-    int_ops = (QueryType.ADD, QueryType.BARRIER)
-    bare_ops = (QueryType.GETNUMKEYS, QueryType.CANCEL_WAIT, QueryType.LIST_KEYS)
+    # Sets of plain ints: ``buf[pos]`` is a cached small int, found by hash and identity (a
+    # tuple of IntEnum members costs a rich comparison per member tried).
+    kv_ops = frozenset(map(int, (QueryType.SET, QueryType.APPEND, QueryType.QUEUE_PUSH)))
+    key_ops = frozenset(map(int, (QueryType.GET, QueryType.DELETE_KEY, QueryType.QUEUE_POP, QueryType.QUEUE_LEN)))
+    keys_ops = frozenset(map(int, (QueryType.CHECK, QueryType.WAIT, QueryType.MULTI_GET)))
+    int_ops = frozenset(map(int, (QueryType.ADD, QueryType.BARRIER)))
+    bare_ops = frozenset(map(int, (QueryType.GETNUMKEYS, QueryType.CANCEL_WAIT, QueryType.LIST_KEYS)))
+    compare_set, ping, validate = int(QueryType.COMPARE_SET), int(QueryType.PING), int(QueryType.VALIDATE)
 
     def field(buf: bytearray, i: int, end: int, limit: int) -> tuple[bytes, int] | None:
         if i + 8 > end:
@@ -458,16 +463,16 @@ def fast_request_parser(limits: Limits) -> FastParser:
             if k is None or k[1] + 8 > end:
                 return None
             return (op, k[0], _I64_FROM(buf, k[1])[0]), k[1] + 8
-        if op == QueryType.COMPARE_SET:
+        if op == compare_set:
             k = field(buf, i, end, max_key)
             expected = None if k is None else field(buf, k[1], end, max_value)
             desired = None if expected is None else field(buf, expected[1], end, max_value)
             if desired is None:
                 return None
             return (op, k[0], expected[0], desired[0]), desired[1]  # type: ignore[index]
-        if op == QueryType.PING:
+        if op == ping:
             return None if i + 4 > end else ((op, bytes(buf[i : i + 4])), i + 4)
-        if op == QueryType.VALIDATE:
+        if op == validate:
             return None if i + 4 > end else ((op, _U32_FROM(buf, i)[0]), i + 4)
         if op in bare_ops:
             return (op,), i

@@ -163,7 +163,7 @@ class _Connection:
     """
 
     __slots__ = (
-        "_server", "_loop", "_engine", "_decoder", "_start", "_fast", "_validated", "_magic", "_auth",
+        "_server", "_loop", "_engine", "_decoder", "_start", "_fast", "_validated", "_handlers", "_magic", "_auth",
         "_waiters", "_sock", "_fd", "peer", "_paused", "_rx", "_held", "_stall", "_out", "_metrics",
         "_admitted", "_why", "_queue", "_queued", "_reading", "_writing", "_closing", "_closed",
     )  # fmt: skip
@@ -178,10 +178,11 @@ class _Connection:
         self._start = server._start_parser
         self._fast = server._fast_parser
         self._validated = False  # True once every request type may be served
+        self._handlers = _UNVALIDATED  # the dispatch table once validated (see _validate)
         self._magic = False  # VALIDATE seen (with a secret, the check must follow)
         self._auth = server.auth
         self._waiters: list[Waiter] = []
-        self._sock = sock  # None only for in-process benchmarks that feed _received directly
+        self._sock = sock  # None only for a connection built without one (never served)
         self._fd = -1 if sock is None else sock.fileno()
         self.peer = peer
         self._paused = False  # reading stopped because the client does not read its replies
@@ -204,7 +205,8 @@ class _Connection:
     # -- readiness callbacks -----------------------------------------------------------------
     def _on_readable(self) -> None:
         assert self._sock is not None
-        slot = self._decoder.field_slot  # a big field's final buffer, or None: the shared one
+        decoder = self._decoder
+        slot = decoder.field_slot  # a big field's final buffer, or None: the shared one
         try:
             nbytes = self._sock.recv_into(self._server._read_buffer if slot is None else slot)
         except (BlockingIOError, InterruptedError):
@@ -215,19 +217,13 @@ class _Connection:
         if not nbytes:  # EOF: what was received has been answered; send the rest and close
             self._shutdown()
             return
-        if slot is None:
-            self._received(nbytes)
-        else:
-            self._rx += nbytes
-            self._decoder.filled(nbytes)
-            self._process()
-
-    def _received(self, nbytes: int) -> None:
-        """``nbytes`` new bytes are at the start of the server's read buffer."""
         self._rx += nbytes
-        # Lent, not copied: _process hands it back (decode's NEED_DATA, or keep()) before
-        # any other connection reads into the shared buffer.
-        self._decoder.lend(self._server._read_bytes, nbytes)
+        if slot is None:
+            # Lent, not copied: _process hands it back (decode's NEED_DATA, or keep()) before
+            # any other connection reads into the shared buffer.
+            decoder.lend(self._server._read_bytes, nbytes)
+        else:
+            decoder.filled(nbytes)
         self._process()
 
     def _on_writable(self) -> None:
@@ -272,7 +268,8 @@ class _Connection:
                 request = decoder.decode(self._start, self._fast)
                 if request is p.NEED_DATA:
                     break
-                reply = self._handle(request)
+                handler = self._handlers.get(request[0])  # empty until validated: _handle
+                reply = self._handle(request) if handler is None else handler(self, request)
                 if reply is not None:
                     if isinstance(reply, bytes):
                         replies.append(reply)
@@ -305,13 +302,16 @@ class _Connection:
             self.close(str(exc), why="malformed" if isinstance(exc, p.ProtocolError) else "invalid")
             return
         finally:
-            decoder.keep()  # the shared read buffer is the next connection's after we return
+            # The shared read buffer is the next connection's after we return. ``held``: bytes
+            # of an incomplete request (the decoder's buffer plus the fields its parser already
+            # consumed); zero after every complete request, so one check then.
+            held = decoder.keep()
         self._out = None
         if replies:
-            self._send_all(replies, size)
-        # Bytes held by an incomplete request (the decoder's buffer plus the fields its
-        # parser already consumed). Zero after every complete request: one check then.
-        held = decoder.held
+            if len(replies) == 1:
+                self._send(replies[0])
+            else:
+                self._send_all(replies, size)
         if held or self._held:
             self._account(held)
 
@@ -472,15 +472,18 @@ class _Connection:
             self._metrics.closed(self._why or ("eof" if exc is None else "reset"), self._rx)
 
     def _handle(self, request: p.Request) -> Reply | None:
-        op = request[0]
+        """A request no handler of ``_handlers`` takes: the handshake's, or one not allowed."""
         if not self._validated:
             return self._handshake(request)
-        if op == _Q.GET and self._auth is not None:
-            return self._get_or_auth(request)
-        handler = _HANDLERS.get(op)
+        handler = self._handlers.get(request[0])
         if handler is None:
-            raise p.ProtocolError(f"request type {op} is not allowed after the handshake")
+            raise p.ProtocolError(f"request type {request[0]} is not allowed after the handshake")
         return handler(self, request)
+
+    def _validate(self) -> None:
+        """Every request type may be served from now on (GET checks for the secret's key)."""
+        self._validated = True
+        self._handlers = _HANDLERS if self._auth is None else _HANDLERS_WITH_AUTH
 
     def _handshake(self, request: p.Request) -> Reply | None:
         op = request[0]
@@ -488,7 +491,8 @@ class _Connection:
             if op != _Q.VALIDATE or request[1] != p.MAGIC:
                 raise p.ProtocolError("the first request must be VALIDATE with torch's magic number")
             self._magic = True
-            self._validated = self._auth is None
+            if self._auth is None:
+                self._validate()
             return None
         # A server with a shared secret (``auth``), before the client passed the check.
         assert self._auth is not None
@@ -497,7 +501,7 @@ class _Connection:
         if op == _Q.GET and request[1].startswith(AUTH_PREFIX):
             return self._get_or_auth(request)
         if self._auth.allow_torch_clients:
-            self._validated = True  # a client that skips the check (torch's): allowed
+            self._validate()  # a client that skips the check (torch's): allowed
             return self._handle(request)
         raise p.ProtocolError(
             f"request type {op} before the shared-secret check; this server requires the secret "
@@ -513,7 +517,7 @@ class _Connection:
             except ValueError:
                 self._why = "auth"
                 raise
-            self._validated = True
+            self._validate()
             return p.reply_bytes(proof)
         return self._get(r)
 
@@ -608,8 +612,12 @@ class _Connection:
 
 
 # One dispatch table for every connection (a per-connection dict of bound methods costs
-# 18 objects per connection, which shows in connection storms).
-_HANDLERS: dict[int, Callable[[_Connection, p.Request], Reply | None]] = {
+# 18 objects per connection, which shows in connection storms). Keyed by plain ints: a request
+# type is ``buf[pos]``, a cached small int, so a lookup matches by identity (an IntEnum key
+# would make every lookup a rich comparison).
+_Handler = Callable[[_Connection, p.Request], "Reply | None"]
+_UNVALIDATED: dict[int, _Handler] = {}  # before the handshake, every request goes to _handle
+_HANDLERS: dict[int, _Handler] = {
     _Q.SET: _Connection._set,
     _Q.GET: _Connection._get,
     _Q.ADD: _Connection._add,
@@ -629,6 +637,9 @@ _HANDLERS: dict[int, Callable[[_Connection, p.Request], Reply | None]] = {
     _Q.LIST_KEYS: _Connection._list_keys,
     _Q.BARRIER: _Connection._barrier,
 }
+_HANDLERS = {int(op): handler for op, handler in _HANDLERS.items()}
+# With a shared secret, a GET may be the secret's check (once validated, it is a plain GET).
+_HANDLERS_WITH_AUTH: dict[int, _Handler] = {**_HANDLERS, int(_Q.GET): _Connection._get_or_auth}
 
 
 def _refuse_wildcard(host: object, what: str) -> None:
