@@ -104,29 +104,40 @@ class _Raw:
                 self.sock.setblocking(False)
 
 
-async def _serve(kind: str) -> None:
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    loop.add_signal_handler(signal.SIGTERM, lambda: stop.done() or stop.set_result(None))
+def listener_socket() -> socket.socket:
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((HOST, 0))
     listener.listen(4096)
     listener.setblocking(False)
+    return listener
+
+
+def serve_raw(loop: asyncio.AbstractEventLoop, listener: socket.socket) -> list[_Raw]:
+    """Accept on ``listener`` into ``_Raw`` connections (the list returned keeps them)."""
     conns: list[_Raw] = []
+
+    def accept() -> None:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conns.append(_Raw(loop, sock))
+
+    loop.add_reader(listener.fileno(), accept)
+    return conns
+
+
+async def _serve(kind: str) -> None:
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    loop.add_signal_handler(signal.SIGTERM, lambda: stop.done() or stop.set_result(None))
+    listener = listener_socket()
     if kind == "echo":
         server = await loop.create_server(_Echo, sock=listener)
     elif kind == "raw":
         server = None
-
-        def accept() -> None:
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            conns.append(_Raw(loop, sock))
-
-        loop.add_reader(listener.fileno(), accept)
+        conns = serve_raw(loop, listener)  # noqa: F841 (kept alive until we return)
     else:
         raise SystemExit(f"unknown floor server {kind!r}; choose echo or raw")
     print(f"port {listener.getsockname()[1]}", flush=True)

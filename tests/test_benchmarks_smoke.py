@@ -63,3 +63,25 @@ def test_runner_tiny(tmp_path: Path) -> None:
     assert "n/a (machine)" in table and table.endswith(f"{readme.END}\nrest\n")
     # a tiny run into a temporary --out never touches the README
     assert "tiny run" not in readme.README.read_text()
+
+
+def test_breakdown_runs_and_times_both_servers(tmp_path: Path) -> None:
+    """benchmarks/bench_breakdown.py at tiny counts: both instrumented servers answer and report."""
+    out = tmp_path / "breakdown.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_breakdown", "--reps", "5", "--count", "50", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.with_suffix(".json").read_text())
+    for op in ("add", "check", "compare_set", "get"):
+        assert res["hot"][op]["best"] > 0, op
+        for kind in ("ours", "raw"):
+            row = res["cold"][op][kind]
+            assert row["callback"]["n"] == 5 and row["callback"]["median"] > 0, (op, kind, row)
+            assert row["rtt"]["median"] >= row["callback"]["median"], (op, kind, row)
+        assert res["cold"][op]["ours"]["send"]["n"] == 5, op  # ours times its send apart
+    assert "Ours minus raw" in out.read_text()
