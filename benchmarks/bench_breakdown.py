@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import select
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository, when run from a checkout
 
 from benchmarks import common  # noqa: E402
+from benchmarks.floor_servers import BlockingClient  # noqa: E402
 from rdzv_store import protocol as p  # noqa: E402
 from rdzv_store.protocol import QueryType as Q  # noqa: E402
 
@@ -53,7 +53,6 @@ OPS: dict[str, tuple[bytes, int]] = {
     "get": (p.encode_keys(Q.CHECK, [b"/value"]) + p.encode_key(Q.GET, b"/value"), 1 + 8 + len(VALUE)),
 }
 KINDS = ["ours", "raw"]
-REPLY_TIMEOUT = 10.0
 
 
 # -- the child: one instrumented server, reporting on request --------------------------------
@@ -140,30 +139,6 @@ class _Child:
 # -- the parent ---------------------------------------------------------------------------------
 
 
-class _Client:
-    """A blocking client sending one op's bytes and reading its reply: the same for both servers."""
-
-    def __init__(self, port: int, preamble: bytes, request: bytes, reply: int) -> None:
-        self.sock = socket.create_connection((common.HOST, port), timeout=REPLY_TIMEOUT)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(preamble)
-        self.request = request
-        self.view = memoryview(bytearray(reply))
-        self.reply = reply
-
-    def call(self) -> None:
-        self.sock.sendall(self.request)
-        got = 0
-        while got < self.reply:
-            n = self.sock.recv_into(self.view[got:])
-            if not n:
-                raise ConnectionError("the server closed the connection")
-            got += n
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def _preamble(kind: str, request: bytes, reply: int) -> bytes:
     if kind == "ours":  # the handshake, and the value get and compare_set find
         return p.encode_validate() + p.encode_key_value(Q.SET, b"/value", VALUE)
@@ -209,11 +184,11 @@ def cold(reps: int, count: int) -> dict[str, Any]:
     rows: dict[str, dict[str, dict[str, list[float]]]] = {
         op: {kind: {m: [] for m in ("callback", "send", "user", "sys", "cpu", "rtt")} for kind in KINDS} for op in OPS
     }
-    clients: dict[tuple[str, str], _Client] = {}
+    clients: dict[tuple[str, str], BlockingClient] = {}
     try:
         for kind, child in children.items():
             for op, (request, reply) in OPS.items():
-                clients[(kind, op)] = _Client(child.port, _preamble(kind, request, reply), request, reply)
+                clients[(kind, op)] = BlockingClient(child.port, _preamble(kind, request, reply), request, reply)
         tick_us = 1e6 / common.CLK_TCK
         for rep in range(reps):
             for kind in KINDS[rep % 2 :] + KINDS[: rep % 2]:
@@ -221,12 +196,12 @@ def cold(reps: int, count: int) -> dict[str, Any]:
                 for op in OPS:
                     client = clients[(kind, op)]
                     for _ in range(min(500, count)):
-                        client.call()
+                        client.request()
                     child.report()  # reset
                     user0, sys0 = _proc_cpu(child.proc.pid)
                     t0 = time.perf_counter_ns()
                     for _ in range(count):
-                        client.call()
+                        client.request()
                     rtt = (time.perf_counter_ns() - t0) / count / 1e3
                     user1, sys1 = _proc_cpu(child.proc.pid)
                     timings = child.report()

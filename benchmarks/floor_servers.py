@@ -157,17 +157,17 @@ def main(argv: list[str]) -> int:
 # -- the client side, used by bench_tcp.server_cpu ------------------------------------------------
 
 
-class FloorClient:
-    """A blocking client: ``request()`` sends ``req`` bytes and waits for ``reply`` bytes."""
+class BlockingClient:
+    """A blocking client: sends ``preamble`` once, then ``request()`` sends ``payload`` and
+    waits for ``reply`` bytes (the same loop whatever server answers)."""
 
-    def __init__(self, port: int, req: int, reply: int) -> None:
+    def __init__(self, port: int, preamble: bytes, payload: bytes, reply: int) -> None:
         self.sock = socket.create_connection((HOST, port), timeout=60)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.payload = b"q" * max(1, req)
+        self.payload = payload
         self.reply = reply
-        self.buf = bytearray(max(1, reply))
-        self.view = memoryview(self.buf)
-        self.sock.sendall(HEADER.pack(len(self.payload), reply))
+        self.view = memoryview(bytearray(max(1, reply)))
+        self.sock.sendall(preamble)
 
     def request(self) -> None:
         self.sock.sendall(self.payload)
@@ -175,11 +175,19 @@ class FloorClient:
         while got < self.reply:
             n = self.sock.recv_into(self.view[got:])
             if not n:
-                raise ConnectionError("floor server closed the connection")
+                raise ConnectionError("the server closed the connection")
             got += n
 
     def close(self) -> None:
         self.sock.close()
+
+
+class FloorClient(BlockingClient):
+    """A blocking client of a floor server: ``req`` bytes up, ``reply`` bytes back per request."""
+
+    def __init__(self, port: int, req: int, reply: int) -> None:
+        payload = b"q" * max(1, req)
+        super().__init__(port, HEADER.pack(len(payload), reply), payload, reply)
 
 
 if __name__ == "__main__":
