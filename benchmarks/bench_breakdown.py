@@ -147,12 +147,6 @@ def _preamble(kind: str, request: bytes, reply: int) -> bytes:
     return HEADER.pack(len(request), reply)
 
 
-def _proc_cpu(pid: int) -> tuple[int, int]:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return int(fields[11]), int(fields[12])
-
-
 def hot(reps: int, count: int) -> dict[str, Any]:
     """Our server's Python per request, in process (µs): best and median of ``reps``."""
     from benchmarks.bench_metrics import _NullSocket
@@ -198,12 +192,12 @@ def cold(reps: int, count: int) -> dict[str, Any]:
                     for _ in range(min(500, count)):
                         client.request()
                     child.report()  # reset
-                    user0, sys0 = _proc_cpu(child.proc.pid)
+                    user0, sys0 = common.cpu_times(child.proc.pid)
                     t0 = time.perf_counter_ns()
                     for _ in range(count):
                         client.request()
                     rtt = (time.perf_counter_ns() - t0) / count / 1e3
-                    user1, sys1 = _proc_cpu(child.proc.pid)
+                    user1, sys1 = common.cpu_times(child.proc.pid)
                     timings = child.report()
                     row = rows[op][kind]
                     row["rtt"].append(rtt)

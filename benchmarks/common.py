@@ -314,11 +314,16 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of the whole process (all threads), in clock ticks, from /proc/<pid>/stat."""
+def cpu_times(pid: int) -> tuple[int, int]:
+    """(utime, stime) of the whole process (all threads), in clock ticks, from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), after pid and comm
+    return int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5), after pid and comm
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of the whole process (all threads), in clock ticks."""
+    return sum(cpu_times(pid))
 
 
 def cpu_sched_ns(pid: int) -> int | None:

@@ -66,13 +66,15 @@ def connect_with_retry(host: str, port: int, timeout: float, secret: bytes | Non
     return _connect(host, port, timeout, secret)[0]
 
 
-def _kernel_timeout(sock: socket.socket, seconds: float) -> None:
-    """Bound each send and recv on ``sock`` by ``seconds`` in the kernel (never 0: "no timeout")."""
+def _kernel_timeout(sock: socket.socket, seconds: float) -> float:
+    """Bound each send and recv on ``sock`` by ``seconds`` in the kernel (never 0: "no timeout");
+    returns the bound set."""
     seconds = max(seconds, 0.001)
     whole = int(seconds)
     tv = _TIMEVAL.pack(whole, int((seconds - whole) * 1e6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    return seconds
 
 
 def _open(host: str, port: int, bound: float) -> socket.socket:
@@ -82,7 +84,7 @@ def _open(host: str, port: int, bound: float) -> socket.socket:
     (Linux applies SO_SNDTIMEO to it, failing with EINPROGRESS). ``create_connection`` with a
     Python timeout makes it non-blocking and polls around the connect and every handshake
     read, then ``_adopt`` had to make it blocking again: 7 system calls per connect instead of
-    13, which matters to thousands of clients connecting at once (the storm benchmark).
+    14, which matters to thousands of clients connecting at once (the storm benchmark).
     """
     if not _KERNEL_TIMEOUTS:
         sock = socket.create_connection((host, port), timeout=bound)
@@ -390,8 +392,7 @@ class Connection:
         # setsockopt per read would cost what the kernel timeouts save.
         if current is not None and seconds <= current <= seconds + 0.01:
             return
-        _kernel_timeout(sock, seconds)
-        self._io_timeout = max(seconds, 0.001)
+        self._io_timeout = _kernel_timeout(sock, seconds)
 
     def send(self, data: bytes, fresh: bool = True) -> None:
         """Send ``data``. ``fresh``: a new request (may reconnect first); otherwise part of an

@@ -163,7 +163,7 @@ class _Connection:
     """
 
     __slots__ = (
-        "_server", "_loop", "_engine", "_decoder", "_start", "_fast", "_validated", "_handlers", "_magic", "_auth",
+        "_server", "_loop", "_engine", "_decoder", "_start", "_fast", "_handlers", "_magic", "_auth",
         "_waiters", "_sock", "_fd", "peer", "_paused", "_rx", "_held", "_stall", "_out", "_metrics",
         "_admitted", "_why", "_queue", "_queued", "_reading", "_writing", "_closing", "_closed",
     )  # fmt: skip
@@ -177,8 +177,8 @@ class _Connection:
         self._decoder = p.StreamDecoder(server.limits.max_request, in_place=_IN_PLACE, keep_bytearray=True)
         self._start = server._start_parser
         self._fast = server._fast_parser
-        self._validated = False  # True once every request type may be served
-        self._handlers = _UNVALIDATED  # the dispatch table once validated (see _validate)
+        # Empty until the handshake is done (every request type may be served after _validate).
+        self._handlers = _UNVALIDATED
         self._magic = False  # VALIDATE seen (with a secret, the check must follow)
         self._auth = server.auth
         self._waiters: list[Waiter] = []
@@ -308,10 +308,7 @@ class _Connection:
             held = decoder.keep()
         self._out = None
         if replies:
-            if len(replies) == 1:
-                self._send(replies[0])
-            else:
-                self._send_all(replies, size)
+            self._send_all(replies, size)
         if held or self._held:
             self._account(held)
 
@@ -473,7 +470,7 @@ class _Connection:
 
     def _handle(self, request: p.Request) -> Reply | None:
         """A request no handler of ``_handlers`` takes: the handshake's, or one not allowed."""
-        if not self._validated:
+        if self._handlers is _UNVALIDATED:
             return self._handshake(request)
         handler = self._handlers.get(request[0])
         if handler is None:
@@ -482,7 +479,6 @@ class _Connection:
 
     def _validate(self) -> None:
         """Every request type may be served from now on (GET checks for the secret's key)."""
-        self._validated = True
         self._handlers = _HANDLERS if self._auth is None else _HANDLERS_WITH_AUTH
 
     def _handshake(self, request: p.Request) -> Reply | None:
