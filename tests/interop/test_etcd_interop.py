@@ -39,12 +39,17 @@ pytestmark = pytest.mark.interop
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
+# Each worker writes its result to a file of its own: the workers of one node share torchrun's
+# stdout, and unbuffered ``print`` writes the text and the newline apart, so lines printed by two
+# workers at once can interleave (seen in CI: "rank=0 ... sum=10rank=1 ... sum=10").
 _TRAIN = r"""
-import os, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 dist.init_process_group("gloo")
 t = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(t)
-print(f"rank={dist.get_rank()} world={dist.get_world_size()} sum={int(t.item())}", flush=True)
+line = f"rank={dist.get_rank()} world={dist.get_world_size()} sum={int(t.item())}"
+with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.txt"), "w") as f:
+    f.write(line)
 dist.destroy_process_group()
 """
 
@@ -67,9 +72,11 @@ def test_torchrun_two_nodes_two_workers_all_reduce(etcd, tmp_path):
         pytest.skip("torchrun not found next to the interpreter")
     script = tmp_path / "train.py"
     script.write_text(_TRAIN)
+    results = tmp_path / "results"
+    results.mkdir()
     endpoint = etcd.endpoints[0].replace("http://", "")
     run_id = "job-" + uuid.uuid4().hex[:8]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         TORCHRUN,
         "--nnodes=2",
@@ -82,6 +89,7 @@ def test_torchrun_two_nodes_two_workers_all_reduce(etcd, tmp_path):
         "--max-restarts=0",
         "--monitor-interval=0.2",
         str(script),
+        str(results),
     ]
     nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     outputs = []
@@ -95,7 +103,7 @@ def test_torchrun_two_nodes_two_workers_all_reduce(etcd, tmp_path):
             node.wait(10)
     for code, out, err in outputs:
         assert code == 0, err[-3000:]
-    lines = sorted(line for _, out, _ in outputs for line in out.splitlines() if line.startswith("rank="))
+    lines = sorted(p.read_text() for p in results.iterdir())
     assert lines == [f"rank={r} world=4 sum=10" for r in range(4)], lines
 
 
