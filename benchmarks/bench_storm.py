@@ -10,6 +10,11 @@ wait_for_workers=True)`` runs in its own fresh process; N worker clients
 ``TCPStore(world_size=N+1, wait_for_workers=True)`` each ``ADD init/``.
 Wall time = common start of the clients to the master's constructor return.
 
+Each repetition runs in a network namespace of its own when the runner is root
+(``netns``): the previous repetition's 16,384 TIME_WAIT sockets would otherwise
+slow the next one's connects, whichever pair it is, and the kernel's counters of
+accept-queue overflows and SYN retransmits are then that repetition's alone.
+
 Pairings ("client->server"): ``torch->torch``, ``torch->ours`` (the same
 torch C++ clients, so only the server differs) and ``ours->ours``.
 """
@@ -26,6 +31,7 @@ from typing import Any
 
 from .common import (
     HOST,
+    client_class,
     close_client,
     free_port,
     make_client,
@@ -35,6 +41,7 @@ from .common import (
     stop_process,
     summarize,
 )
+from . import netns
 from .workers import run_forked
 
 PAIRS = [("torch", "torch"), ("torch", "ours"), ("ours", "ours")]
@@ -114,6 +121,9 @@ def pair_name(client: str, srv: str) -> str:
 def _storm_worker(index: int, ready: Any, go: Any, impl: str, port: int, n_total: int, per_proc: int,
                   mode: str, bound: float) -> dict[str, Any]:
     """One process of the storm: ``per_proc`` threads, one client each."""
+    # Import the client's package before saying ready: a runner that has not imported torch
+    # yet (``--only storm``) would otherwise time 16 processes importing torch (~13 s), not a storm.
+    client_class(impl)
     threading.stack_size(THREAD_STACK)
     start = threading.Event()
     release = threading.Event()
@@ -308,12 +318,17 @@ def storms(pairs: list[tuple[str, str]], sizes: list[int], reps_for: Any, proces
         for rep in range(reps_for(n)):
             order = pairs if rep % 2 == 0 else list(reversed(pairs))
             for client, srv in order:
-                try:
-                    res = once(client, srv, n, processes, bound)
-                except Exception as exc:  # a failed repetition is reported, never fatal
-                    msg = f"{type(exc).__name__}: {exc}"[:200]
-                    res = {"wall_s": None, "errors": n, "machine_errors": n if machine_error(msg) else 0,
-                           "first_error": msg}
+                with netns.fresh(f"rdzv-{mode}") as ns:
+                    before = netns.tcp_counters()
+                    try:
+                        res = once(client, srv, n, processes, bound)
+                    except Exception as exc:  # a failed repetition is reported, never fatal
+                        msg = f"{type(exc).__name__}: {exc}"[:200]
+                        res = {"wall_s": None, "errors": n, "machine_errors": n if machine_error(msg) else 0,
+                               "first_error": msg}
+                    after = netns.tcp_counters()
+                res["own_netns"] = ns is not None
+                res.update({k: after[k] - before[k] for k in netns.COUNTERS})
                 per_pair[pair_name(client, srv)].append(res)
         cell: dict[str, Any] = {}
         for name, rows in per_pair.items():
@@ -326,6 +341,9 @@ def storms(pairs: list[tuple[str, str]], sizes: list[int], reps_for: Any, proces
                 "errors": errors,
                 "machine_errors": machine,
                 "reps": len(rows),
+                # what the kernel dropped: accept queue overflows, and the SYN retransmits after them
+                **{k: summarize([r[k] for r in rows if k in r]) for k in netns.COUNTERS},
+                "own_netns": all(r.get("own_netns") for r in rows),
                 "first_error": next((r["first_error"] for r in rows if r.get("first_error")), None),
             }
             if errors and machine == errors:  # every error came from the machine (fds, ports, memory)

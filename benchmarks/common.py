@@ -356,16 +356,24 @@ def free_port() -> int:
 # -- clients ---------------------------------------------------------------------------------
 
 
-def make_client(impl: str, port: int, timeout_s: float = 120.0, **kwargs: Any) -> Any:
-    """A TCPStore client: ``ours`` (rdzv_store) or ``torch`` (torch's C++ client)."""
-    from datetime import timedelta
+def client_class(impl: str) -> Any:
+    """The TCPStore class of ``ours`` (rdzv_store) or ``torch``; imports its package on first use.
 
+    Timed code imports it first: importing torch takes about a second per process.
+    """
     if impl == "torch":
         from torch.distributed import TCPStore
     else:
         from rdzv_store import TCPStore
+    return TCPStore
+
+
+def make_client(impl: str, port: int, timeout_s: float = 120.0, **kwargs: Any) -> Any:
+    """A TCPStore client: ``ours`` (rdzv_store) or ``torch`` (torch's C++ client)."""
+    from datetime import timedelta
+
     kwargs.setdefault("wait_for_workers", False)
-    return TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=timeout_s), **kwargs)
+    return client_class(impl)(HOST, port, is_master=False, timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
 def close_client(store: Any) -> None:

@@ -79,6 +79,12 @@ def memory_cells(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return mem
 
 
+def _drops(cell: dict[str, Any]) -> str:
+    """", 21,731 accept-queue overflows" when the accept queue overflowed (median per repetition), else ""."""
+    overflows = (cell.get("ListenOverflows") or {}).get("median")
+    return f", {overflows:,.0f} accept-queue overflows" if overflows else ""
+
+
 def _limit_text(cell: dict | None) -> str | None:
     return (cell or {}).get("machine_limit")
 
@@ -167,10 +173,11 @@ def summary_rows(res: dict[str, Any], readme: bool = False) -> list[list[str]]:
                 ok = (holds(r, limit) if r is not None else "n/a") if limit else ""
                 if errs:
                     ok = "n/a (machine)" if mine_limit else "**no** (errors)"
-                ours_text = fmt(mine.get("wall_s")) + (f", {errs} errors" if errs else ", 0 errors")
+                ours_text = fmt(mine.get("wall_s")) + (f", {errs} errors" if errs else ", 0 errors") + _drops(mine)
                 if mine_limit:
                     ours_text += f" ({mine_limit})"
-                base_text = fmt(base.get("wall_s")) + (f", {base.get('errors')} errors" if base.get("errors") else "")
+                base_text = (fmt(base.get("wall_s")) + (f", {base.get('errors')} errors" if base.get("errors") else "")
+                             + _drops(base))
                 if base_limit:
                     base_text += f" ({base_limit})"
                 rows.append([name, ours_text, base_text, fmt_ratio(r), target, ok])
@@ -294,9 +301,11 @@ def detail_sections(res: dict[str, Any]) -> list[str]:
                 if m.get("machine_limit"):
                     note = f"{m['machine_limit'][:160]}"
                 rows.append([n, pair, fmt(m["wall_s"]), fmt(m["connect_p50_ms"]), fmt(m["connect_max_ms"]),
+                             fmt(m.get("ListenOverflows")), fmt(m.get("TCPSynRetrans")),
                              str(m["errors"]), str(m["reps"]), note])
         parts.append(f"### {title}\n\n" + _table(
-            ["N", "clients→server", "wall s", "connect p50 ms", "connect max ms", "errors", "reps", "first error"], rows))
+            ["N", "clients→server", "wall s", "connect p50 ms", "connect max ms", "accept queue overflows",
+             "SYN retransmits", "errors", "reps", "first error"], rows))
     cells = memory_cells(res)
     if cells:
         rows = []
