@@ -38,6 +38,10 @@ def available() -> bool:
     return os.geteuid() == 0 and shutil.which("ip") is not None and Path("/proc/self/ns/net").exists()
 
 
+def _ip(*args: str, check: bool = True) -> None:
+    subprocess.run(["ip", *args], check=check, capture_output=True, timeout=20)
+
+
 def _setns(fd: int) -> None:
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     if libc.setns(fd, _CLONE_NEWNET) != 0:
@@ -52,9 +56,9 @@ def fresh(name: str) -> Iterator[str | None]:
         yield None
         return
     name = f"{name}-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    _ip("netns", "add", name)
     try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, capture_output=True)
+        _ip("-n", name, "link", "set", "lo", "up")
         home = os.open("/proc/self/ns/net", os.O_RDONLY)
         try:
             target = os.open(f"/run/netns/{name}", os.O_RDONLY)
@@ -69,7 +73,7 @@ def fresh(name: str) -> Iterator[str | None]:
         finally:
             os.close(home)
     finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+        _ip("netns", "del", name, check=False)
 
 
 def tcp_counters() -> dict[str, int]:

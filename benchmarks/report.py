@@ -80,7 +80,7 @@ def memory_cells(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _drops(cell: dict[str, Any]) -> str:
-    """", 21,731 accept-queue overflows" when the accept queue overflowed (median per repetition), else ""."""
+    """``", 21,731 accept-queue overflows"`` when the accept queue overflowed (median per repetition), else ``""``."""
     overflows = (cell.get("ListenOverflows") or {}).get("median")
     return f", {overflows:,.0f} accept-queue overflows" if overflows else ""
 
