@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from . import commands
 from . import auth
@@ -410,15 +410,22 @@ class Connection:
                 self._set_timeout(sock, self.reply_timeout)
             sock.sendall(data)
         except OSError as exc:
-            self._drop()
-            if isinstance(exc, (ConnectionResetError, BrokenPipeError)):  # closed on us mid-request
-                raise StoreConnectionError(
-                    f"the store at {self.address} "
-                    + commands.refusal(self._op or "a request", self._keys, self._unanswered)
-                ) from None
-            raise StoreConnectionError(
-                f"lost the connection to the store at {self.address}{self._what()}: {exc}. The next call reconnects"
-            ) from None
+            self._send_failed(exc)
+
+    def _send_failed(self, exc: OSError) -> NoReturn:
+        self._drop()
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError)):  # closed on us mid-request
+            self._refused()
+        raise StoreConnectionError(
+            f"lost the connection to the store at {self.address}{self._what()}: {exc}. The next call reconnects"
+        ) from None
+
+    def _refused(self) -> NoReturn:
+        """The server closed the connection with a request of ours unanswered: it refused one."""
+        self._drop()
+        raise StoreConnectionError(
+            f"the store at {self.address} " + commands.refusal(self._op or "a request", self._keys, self._unanswered)
+        ) from None
 
     def _recv(self, sock: socket.socket, deadline: float, into: memoryview | None = None) -> int:
         """One ``recv_into`` the receive buffer (or ``into``), bounded by ``deadline``; the byte count (> 0).
@@ -436,30 +443,33 @@ class Connection:
             self._filled = False
         try:
             nbytes = sock.recv_into(rbuf)
-        except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
-            raise socket.timeout() from None
         except OSError as exc:
-            if not isinstance(exc, ConnectionResetError):
-                self._drop()
-                raise StoreConnectionError(
-                    f"lost the connection to the store at {self.address}{self._what()}: {exc}. "
-                    "The next call reconnects"
-                ) from None
-            nbytes = 0  # reset: the server closed with our request unread, as on a refusal
+            nbytes = self._recv_failed(exc)
         if nbytes == len(rbuf) < _RECV and into is None:
             self._filled = True
         if not nbytes:
-            self._drop()
-            raise StoreConnectionError(
-                f"the store at {self.address} "
-                + commands.refusal(self._op or "a request", self._keys, self._unanswered)
-            )
+            self._refused()
         return nbytes
 
-    def read(self, parser: p.ReplyParser, timeout: float | None = None) -> Any:
-        """Read one reply. On timeout raise ``socket.timeout`` (the caller decides what it means)."""
+    def _recv_failed(self, exc: OSError) -> int:
+        """What a failed ``recv_into`` means: ``socket.timeout`` at the bound, 0 (end of stream)
+        for a reset (the server closed with our request unread, as on a refusal), otherwise
+        ``StoreConnectionError``."""
+        if isinstance(exc, (socket.timeout, BlockingIOError)):  # BlockingIOError: SO_RCVTIMEO expired
+            raise socket.timeout() from None
+        if isinstance(exc, ConnectionResetError):
+            return 0
+        self._drop()
+        raise StoreConnectionError(
+            f"lost the connection to the store at {self.address}{self._what()}: {exc}. The next call reconnects"
+        ) from None
+
+    def read(self, parser: p.ReplyParser, timeout: float | None = None, deadline: float | None = None) -> Any:
+        """Read one reply by ``deadline`` (default: ``timeout`` from now, by default the reply
+        timeout). On timeout raise ``socket.timeout`` (the caller decides what it means)."""
         sock = self._socket()
-        deadline = _monotonic() + (self.reply_timeout if timeout is None else timeout)
+        if deadline is None:
+            deadline = _monotonic() + (self.reply_timeout if timeout is None else timeout)
         if self._idle:
             fast = parser.fast if type(parser) is commands.Reply else None
             if fast is not None:
@@ -501,16 +511,18 @@ class Connection:
             nbytes = self._recv(sock, deadline)
             decoder.feed(self._rbuf[:nbytes])
 
-    def read_reply(self, parser: p.ReplyParser) -> Any:
+    def read_reply(self, parser: p.ReplyParser, deadline: float | None = None) -> Any:
         """Read a reply that must come promptly; a timeout poisons the connection."""
         try:
-            return self.read(parser)
+            return self.read(parser, deadline=deadline)
         except socket.timeout:
-            self._drop()
-            raise StoreTimeoutError(
-                f"no reply from the store at {self.address} within {format_ms(self.reply_timeout)}"
-                f"{self._what()}"
-            ) from None
+            self._timed_out()
+
+    def _timed_out(self) -> NoReturn:
+        self._drop()
+        raise StoreTimeoutError(
+            f"no reply from the store at {self.address} within {format_ms(self.reply_timeout)}{self._what()}"
+        ) from None
 
     # -- request helpers ---------------------------------------------------------------------
     def call(self, command: tuple[bytes, p.ReplyParser | None], op: str = "", keys: commands.Keys = None) -> Any:
@@ -522,6 +534,16 @@ class Connection:
         with self.lock:
             self._op = op
             self._keys = keys
+            now = _monotonic()
+            if type(parser) is commands.Reply and self._steady(now):
+                nbytes = self._exchange(data, now)
+                found = parser.fast(self._rbuf, 0, nbytes)
+                if found is None:
+                    return self._finish([parser], 0, nbytes, now)[0]
+                self._rpos = found[1]
+                self._rend = nbytes
+                self._unanswered = None  # a reply means every earlier request was processed
+                return found[0]
             self.send(data)
             if parser is None:
                 self._unanswered = (op, keys)
@@ -535,8 +557,70 @@ class Connection:
         with self.lock:
             self._op = op
             self._keys = keys
+            now = _monotonic()
+            fast = self._steady(now)
+            for parser in parsers:  # (a loop: cheaper than all() over a generator for 2 parsers)
+                if type(parser) is not commands.Reply:
+                    fast = False
+                    break
+            if fast:
+                nbytes = self._exchange(data, now)
+                replies: list[Any] = []
+                pos = 0
+                for parser in parsers:
+                    found = parser.fast(self._rbuf, pos, nbytes)  # type: ignore[attr-defined]  # all Reply (checked)
+                    if found is None:
+                        return replies + self._finish(parsers[len(replies) :], pos, nbytes, now)
+                    replies.append(found[0])
+                    pos = found[1]
+                self._rpos = pos
+                self._rend = nbytes
+                self._unanswered = None
+                return replies
             self.send(data)
             return [self.read_reply(parser) for parser in parsers]
+
+    # -- the fast path: what send() and read() do for a connection in steady use, minus their checks
+    def _steady(self, now: float) -> bool:
+        """Whether a request may take the fast path: a connection in use (no idle check due), its
+        kernel bound the reply timeout, no received byte left unparsed, no buffer to grow."""
+        return (
+            self._sock is not None
+            and now - self._last_send <= self._IDLE_CHECK
+            and self._io_timeout == self.reply_timeout
+            and self._idle
+            and self._rpos == self._rend
+            and not self._filled
+        )
+
+    def _exchange(self, data: bytes, now: float) -> int:
+        """Send ``data``, then one ``recv_into`` the receive buffer, bounded by the reply timeout
+        (the socket's kernel bound); the byte count, 0 at end of stream."""
+        sock = self._sock
+        assert sock is not None
+        self._last_send = now
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            self._send_failed(exc)
+        try:
+            return sock.recv_into(self._rbuf)
+        except OSError as exc:
+            try:
+                return self._recv_failed(exc)
+            except socket.timeout:
+                self._timed_out()
+
+    def _finish(self, parsers: Sequence[p.ReplyParser], pos: int, nbytes: int, now: float) -> list[Any]:
+        """Replies not whole in the receive buffer after ``_exchange``: read() goes on from ``pos``,
+        by the deadline the request started with."""
+        if not nbytes:
+            self._refused()
+        self._rpos = pos
+        self._rend = nbytes
+        self._filled = nbytes == len(self._rbuf) < _RECV
+        deadline = now + self.reply_timeout
+        return [self.read_reply(parser, deadline) for parser in parsers]
 
     def wait(
         self,

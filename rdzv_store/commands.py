@@ -178,7 +178,12 @@ _VALUE_REPLY = Reply(p.parse_value, _fast_value)
 _READY_REPLY = Reply(_then(p.parse_u8, lambda r: r == p.READY), _fast_ready)
 _DELETED_REPLY = Reply(_then(p.parse_i64, lambda n: n == 1), _fast_deleted)
 _QUEUE_POP_REPLY = Reply(p.parse_queue_pop, _fast_queue_pop)
-_ONE_VALUE_REPLY = Reply(lambda: p.parse_values(1), _fast_values(1))
+def _fast_one_value(buf: Any, pos: int, end: int) -> tuple[Any, int] | None:
+    found = _fast_value(buf, pos, end)
+    return None if found is None else ([found[0]], found[1])
+
+
+_ONE_VALUE_REPLY = Reply(lambda: p.parse_values(1), _fast_one_value)
 
 
 # -- requests: bytes identical to protocol's encoders, with the "/" prefix packed into the header --
@@ -267,6 +272,8 @@ def multi_get(keys: Sequence[bytes]) -> Command:
     count = len(keys)
     if count == 1:
         return _keys_request(_Q.MULTI_GET, keys), _ONE_VALUE_REPLY
+    if not count:  # an empty reply: a plain parser, so the client reads nothing (see Connection.call)
+        return p.encode_keys(_Q.MULTI_GET, []), lambda: p.parse_values(0)
     return p.encode_keys(_Q.MULTI_GET, _raw(keys)), Reply(lambda: p.parse_values(count), _fast_values(count))
 
 
