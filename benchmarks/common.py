@@ -104,8 +104,9 @@ def build_shim() -> str | None:
     return str(out)
 
 
-def reexec_with_shim() -> None:
-    """Re-exec this process with the shim in LD_PRELOAD (LD_PRELOAD only acts at exec time).
+def reexec_with_shim(module: str = "benchmarks") -> None:
+    """Re-exec this process (``python -m module``, same arguments) with the shim in LD_PRELOAD
+    (LD_PRELOAD only acts at exec time).
 
     Servers and workers are children, so they inherit it. Does nothing if the
     shim is already active or cannot be built (the results then say so).
@@ -122,7 +123,7 @@ def reexec_with_shim() -> None:
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
 
 
 def shim_status() -> str:

@@ -8,6 +8,7 @@ asserts nothing about speed (benchmarks are not timed tests). torch-free:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,28 @@ def test_breakdown_runs_and_times_both_servers(tmp_path: Path) -> None:
             assert row["rtt"]["median"] >= row["callback"]["median"], (op, kind, row)
         assert res["cold"][op]["ours"]["send"]["n"] == 5, op  # ours times its send apart
     assert "Ours minus raw" in out.read_text()
+
+
+def test_pairs_runs_every_client_against_every_server(tmp_path: Path) -> None:
+    """benchmarks/bench_pairs.py at tiny counts, torch-free: our client and the floor client
+    against our server, in every placement the machine has."""
+    out = tmp_path / "pairs.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_pairs", "--no-torch", "--reps", "5", "--count", "50", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.with_suffix(".json").read_text())
+    placements = ["free", "split", "shared"] if (os.cpu_count() or 1) >= 2 else ["free"]
+    assert list(res["pairs"]) == placements
+    for placement in placements:
+        for op in ("add", "check", "compare_set"):
+            cells = res["pairs"][placement][op]
+            assert sorted(cells) == ["ours->ours", "raw->ours"], cells
+            for cell in cells.values():
+                assert cell["p50_us"]["n"] == 5 and cell["p50_us"]["median"] > 0, cell
+                assert cell["client_cpu_us"]["median"] > 0, cell
+    assert "Placement `free`" in out.read_text()
