@@ -52,6 +52,27 @@ def _missing_rows(res: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+_STORM_PAIRS = ("torch->torch", "torch->ours", "ours->ours")
+
+
+def _storm_per_client_rows(res: dict[str, Any]) -> list[list[str]]:
+    """One row per storm size: each pair's median wall time divided by N, in ms."""
+    rows = []
+    for n, cells in sorted((res["figures"].get("storm") or {}).items(), key=lambda kv: int(kv[0])):
+        row = [f"{int(n):,}"]
+        for pair in _STORM_PAIRS:
+            cell = cells.get(pair) or {}
+            wall = (cell.get("wall_s") or {}).get("median")
+            if wall is None:
+                row.append("–")
+                continue
+            overflows = (cell.get("ListenOverflows") or {}).get("median") or 0
+            row.append(f"{wall / int(n) * 1e3:.3g}" + (f" ({overflows:,.0f} overflows)" if overflows else ""))
+        if any(x != "–" for x in row[1:]):
+            rows.append(row)
+    return rows
+
+
 def render(res: dict[str, Any]) -> str:
     """The text between the markers (without them) for these results."""
     m, cfg = res["machine"], res["config"]
@@ -71,6 +92,11 @@ def render(res: dict[str, Any]) -> str:
         "",
         report._table(report.SUMMARY_HEADER, report.summary_rows(res, readme=True) + _missing_rows(res)),
     ]
+    per_client = _storm_per_client_rows(res)
+    if per_client:
+        lines += ["", "Storms, wall time per client (the median wall time ÷ N, ms; accept-queue overflows, "
+                  "median per repetition, when any):", "",
+                  report._table(["N", *(p.replace("->", " → ") for p in _STORM_PAIRS)], per_client)]
     if res.get("failures"):
         failed = "; ".join(f"`{k}`: {v}" for k, v in res["failures"].items())
         lines += ["", f"Not measured or failed in that run: {failed}."]
