@@ -281,11 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     res["hot"] = hot(args.reps, max(1000, args.count * 2))
     res["cold"] = cold(args.reps, args.count)
     res["load_end"] = Path("/proc/loadavg").read_text().strip()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(res)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
-    print(text)
+    common.write_report(args.out, markdown(res), res)
     return 0
 
 

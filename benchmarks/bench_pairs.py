@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -217,11 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     res["load_start"] = Path("/proc/loadavg").read_text().strip()
     res["pairs"] = run(args.reps, args.count, placements, clients, server_kinds)
     res["load_end"] = Path("/proc/loadavg").read_text().strip()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(res)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
-    print(text)
+    common.write_report(args.out, markdown(res), res)
     return 0
 
 

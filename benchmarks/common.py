@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import hashlib
 import importlib.util
+import json
 import os
 import platform
 import re
@@ -482,3 +483,12 @@ def raise_nofile(target: int | None = None) -> int:
         return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     except Exception:  # pragma: no cover
         return 0
+
+
+def write_report(out: Path, markdown: str, results: dict[str, Any]) -> None:
+    """Write a benchmark's report: ``markdown`` to ``out``, ``results`` as JSON beside it
+    (same name, ``.json``), and print the markdown."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    print(markdown)

@@ -71,18 +71,23 @@ def test_runner_tiny(tmp_path: Path) -> None:
     assert "tiny run" not in readme.README.read_text()
 
 
-def test_breakdown_runs_and_times_both_servers(tmp_path: Path) -> None:
-    """benchmarks/bench_breakdown.py at tiny counts: both instrumented servers answer and report."""
-    out = tmp_path / "breakdown.md"
+def _tiny_report(module: str, out: Path, *extra: str) -> dict:
+    """Run a report-writing benchmark module at 5 repetitions of 50 requests; its JSON results."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_breakdown", "--reps", "5", "--count", "50", "--out", str(out)],
+        [sys.executable, "-m", module, *extra, "--reps", "5", "--count", "50", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = json.loads(out.with_suffix(".json").read_text())
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def test_breakdown_runs_and_times_both_servers(tmp_path: Path) -> None:
+    """benchmarks/bench_breakdown.py at tiny counts: both instrumented servers answer and report."""
+    out = tmp_path / "breakdown.md"
+    res = _tiny_report("benchmarks.bench_breakdown", out)
     for op in ("add", "check", "compare_set", "get"):
         assert res["hot"][op]["best"] > 0, op
         for kind in ("ours", "raw"):
@@ -97,15 +102,7 @@ def test_pairs_runs_every_client_against_every_server(tmp_path: Path) -> None:
     """benchmarks/bench_pairs.py at tiny counts, torch-free: our client and the floor client
     against our server, in every placement the machine has."""
     out = tmp_path / "pairs.md"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_pairs", "--no-torch", "--reps", "5", "--count", "50", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = json.loads(out.with_suffix(".json").read_text())
+    res = _tiny_report("benchmarks.bench_pairs", out, "--no-torch")
     placements = ["free", "split", "shared"] if (os.cpu_count() or 1) >= 2 else ["free"]
     assert list(res["pairs"]) == placements
     for placement in placements:
