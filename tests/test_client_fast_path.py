@@ -172,3 +172,27 @@ def _record(outcome: list[BaseException], call: Any) -> None:
         call()
     except BaseException as exc:  # noqa: BLE001 (the test inspects it)
         outcome.append(exc)
+
+
+def test_requests_on_a_busy_connection_take_the_one_frame_path(tcp_store_factory, monkeypatch) -> None:
+    """The figures in CHANGELOG and pairs.md rest on it: once a connection is in use, no small
+    request goes through send() and read() (the general path), and every reply is still right."""
+    from rdzv_store.client import Connection
+
+    store = tcp_store_factory()
+    _steady(store)
+    store.set("v", b"value")
+    assert store.add("n", 1) == 1  # in use now
+    general: list[str] = []
+    for name in ("send", "read"):
+        method = getattr(Connection, name)
+        monkeypatch.setattr(Connection, name, lambda self, *a, _m=method, _n=name, **k: general.append(_n) or _m(self, *a, **k))
+    assert store.add("n", 1) == 2
+    assert store.check(["v"]) is True
+    assert store.get("v") == b"value"
+    assert store.compare_set("v", b"value", b"other") == b"other"
+    assert store.multi_get(["v", "n"]) == [b"other", b"2"]
+    assert store.delete_key("n") is True
+    assert general == []
+    store.set("w", b"x")  # no reply: the general path, as before
+    assert general == ["send"]
