@@ -250,9 +250,14 @@ def test_quorum_loss_is_a_clear_error_and_nothing_is_half_applied(healthy):
             m.sigcont()
     store.set_timeout(20)
     assert store.get("before") == b"1"
-    # The multi_set's first transaction either fully applied or not at all.
-    present = [store.check([f"m{i}"]) for i in range(127)]
-    assert all(present) or not any(present)
+    # The multi_set's first transaction either fully applied or not at all, read at one revision
+    # (list_keys: one range request). Key by key would race it: the request a stopped member had
+    # buffered is served when it resumes, so the transaction may land between two reads (CI saw
+    # m0 missing and m1..m126 present that way): late, as a write that failed with
+    # EtcdUnavailableError may be (its outcome is unknown, README), but whole.
+    first = {f"m{i}" for i in range(127)}
+    present = first & set(store.list_keys())
+    assert present in (first, set()), sorted(present)[:5]
     store.close()
 
 
