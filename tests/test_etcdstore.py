@@ -428,8 +428,11 @@ def test_tls_with_client_certificate(tls_member):
     assert s.get("k") == b"v"
     s.close()
     start = time.monotonic()
-    no_cert = EtcdStore(cluster.endpoints, prefix="/tls/", timeout=5, ca_cert=p("ca.crt"))
+    no_cert = EtcdStore(cluster.endpoints, prefix="/tls/", timeout=20, ca_cert=p("ca.crt"))
     with pytest.raises(EtcdAuthError, match="TLS"):
         no_cert.get("k")
-    assert time.monotonic() - start < 3
+    # Reported as a TLS refusal, long before the store timeout. Usually within 0.1 s; but when the
+    # server's close beats the alert to the client, the attempt fails as a reset, which is retried
+    # like any reset (with backoff) until an attempt reads the alert: CI once took 4.7 s that way.
+    assert time.monotonic() - start < 10
     no_cert.close()
