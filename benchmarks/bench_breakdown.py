@@ -217,10 +217,7 @@ def cold(reps: int, count: int) -> dict[str, Any]:
             for op, kinds in rows.items()}
 
 
-def _fmt(s: dict[str, Any] | None) -> str:
-    if not s or s.get("median") is None:
-        return "–"
-    return f"{s['median']:.1f} [{s['min']:.1f}–{s['max']:.1f}]"
+_fmt = common.median_range
 
 
 def markdown(res: dict[str, Any]) -> str:
