@@ -155,10 +155,14 @@ class EtcdEndpoint:
 class _Retry(Exception):
     """An attempt failed in a way another endpoint may not: rotate and try again."""
 
-    def __init__(self, cause: str, no_leader: bool = False) -> None:
+    def __init__(self, cause: str, no_leader: bool = False, tls_reset: bool = False) -> None:
         super().__init__(cause)
         self.cause = cause
         self.no_leader = no_leader
+        # A new TLS connection reset while its first request was out: a member going down does
+        # that, and so does etcd refusing a missing or untrusted client certificate when its
+        # close beats its TLS alert to us. Retried like any reset; named if it is the last error.
+        self.tls_reset = tls_reset
 
 
 @dataclass
@@ -362,6 +366,11 @@ class EtcdClient:
                 bound *= 2
         assert last is not None
         cause = f"no etcd endpoint answered in time, last error: {last.cause}"
+        if last.tls_reset:
+            cause += (
+                " (a new TLS connection reset during its first request: a member going down, or etcd "
+                "refusing a missing or untrusted client certificate; check cert= and key=)"
+            )
         if saw_no_leader:
             # The members that answered had no leader; the others did not answer at all.
             raise EtcdNoLeaderError(
@@ -398,7 +407,8 @@ class EtcdClient:
             conn.close()
             if report is not None:
                 report.uncertain = True  # the request may have reached etcd and been applied
-            raise _Retry(f"{type(exc).__name__}: {exc or 'timed out'}") from None
+            tls_reset = fresh and self._ssl is not None and isinstance(exc, ConnectionResetError)
+            raise _Retry(f"{type(exc).__name__}: {exc or 'timed out'}", tls_reset=tls_reset) from None
         if resp.will_close:
             conn.close()
         else:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -378,8 +381,8 @@ def _openssl(*args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tls_member(tmp_path_factory):
-    etcd_binary()
+def tls_files(tmp_path_factory):
+    """A test CA, and a server and a client certificate it signed (for 127.0.0.1): name -> path."""
     if not shutil.which("openssl"):
         pytest.skip("no openssl to make test certificates")
     d = str(tmp_path_factory.mktemp("tls"))
@@ -393,6 +396,13 @@ def tls_member(tmp_path_factory):
     for name in ("server", "client"):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", p(f"{name}.key"), "-out", p(f"{name}.csr"))
         _openssl("x509", "-req", "-in", p(f"{name}.csr"), "-CA", p("ca.crt"), "-CAkey", p("ca.key"), "-CAcreateserial", "-days", "2", "-extfile", p("ext"), "-out", p(f"{name}.crt"))
+    return p
+
+
+@pytest.fixture(scope="module")
+def tls_member(tls_files):
+    etcd_binary()
+    p = tls_files
     cluster = EtcdCluster(1, extra=["--cert-file", p("server.crt"), "--key-file", p("server.key"), "--trusted-ca-file", p("ca.crt"), "--client-cert-auth"])
     # Client URLs over https: rewrite the scheme before starting.
     cluster.members = []
@@ -436,3 +446,55 @@ def test_tls_with_client_certificate(tls_member):
     # like any reset (with backoff) until an attempt reads the alert: CI once took 4.7 s that way.
     assert time.monotonic() - start < 10
     no_cert.close()
+
+
+def test_tls_connection_reset_at_its_first_request_is_named_in_the_error(tls_files):
+    """A server that completes the TLS handshake and then resets the connection once the request
+    is in (what etcd's refusal of a client certificate looks like when its alert is lost) ends in
+    an error that names the endpoint and says what such a reset may mean."""
+    p = tls_files
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(p("server.crt"), p("server.key"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+    reset = []
+
+    def serve() -> None:
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            raw.settimeout(5)
+            try:
+                tls = ctx.wrap_socket(raw, server_side=True)
+                request = b""
+                while not request.endswith(b"}"):  # the whole request (its JSON body ends it) is in
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        break
+                    request += chunk
+                if request.endswith(b"}"):  # reset it: SO_LINGER 0 makes close send RST
+                    tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    reset.append(1)
+                tls.close()
+            except (ssl.SSLError, OSError):
+                raw.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = EtcdClient([f"https://127.0.0.1:{port}"], timeout=1.0, ca_cert=p("ca.crt"))
+    try:
+        with pytest.raises(EtcdUnavailableError, match="reset during its first request") as info:
+            client.call("kv/range", {"key": b64(b"k")})
+        assert f"127.0.0.1:{port}" in str(info.value)
+        assert "RemoteDisconnected" in str(info.value) or "ConnectionResetError" in str(info.value)
+        assert reset, "the server never saw a request"
+    finally:
+        client.close()
+        stop.set()
+        server.join(5)
+        listener.close()
