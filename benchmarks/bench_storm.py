@@ -22,6 +22,7 @@ torch C++ clients, so only the server differs) and ``ours->ours``.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import threading
@@ -33,6 +34,7 @@ from .common import (
     HOST,
     client_class,
     close_client,
+    cpu_times,
     free_port,
     make_client,
     rss_kib,
@@ -248,8 +250,15 @@ def _summary_from(t0: float, results: list[Any], per: int, end: float | None = N
 
 def storm_once(client: str, srv_impl: str, n: int, processes: int, bound: float) -> dict[str, Any]:
     with server(srv_impl) as srv:
+        user0, sys0 = cpu_times(srv.pid)
         t0, results, per = _run_clients(client, srv.port, n, "storm", processes, bound)
-        return _summary_from(t0, results, per)
+        user1, sys1 = cpu_times(srv.pid)
+    res = _summary_from(t0, results, per)
+    # The server's CPU per storm connection (accept, handshake, add, wait, release), from /proc.
+    tick = os.sysconf("SC_CLK_TCK")
+    res["server_user_us"] = (user1 - user0) / tick / n * 1e6
+    res["server_sys_us"] = (sys1 - sys0) / tick / n * 1e6
+    return res
 
 
 def init_once(client: str, srv_impl: str, n: int, processes: int, bound: float) -> dict[str, Any]:
@@ -344,6 +353,7 @@ def storms(pairs: list[tuple[str, str]], sizes: list[int], reps_for: Any, proces
                 # what the kernel dropped: accept queue overflows, and the SYN retransmits after them
                 **{k: summarize([r[k] for r in rows if k in r]) for k in netns.COUNTERS},
                 "own_netns": all(r.get("own_netns") for r in rows),
+                **{k: summarize([r[k] for r in rows if k in r]) for k in ("server_user_us", "server_sys_us")},
                 "first_error": next((r["first_error"] for r in rows if r.get("first_error")), None),
             }
             if errors and machine == errors:  # every error came from the machine (fds, ports, memory)

@@ -264,7 +264,7 @@ def start_server(impl: str, timeout: float = 60.0) -> ServerProc:
     elif impl == "torch":
         cmd = [sys.executable, str(HERE / "_procs.py"), "torch-serve"]
         pattern = r"port (\d+)"
-    elif impl in ("echo", "raw"):  # the floor: bare asyncio servers (benchmarks/floor_servers.py)
+    elif impl in ("echo", "raw", "storm"):  # the floors: bare asyncio servers (benchmarks/floor_servers.py)
         cmd = [sys.executable, str(HERE / "floor_servers.py"), impl]
         pattern = r"port (\d+)"
     else:

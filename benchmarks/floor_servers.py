@@ -1,6 +1,6 @@
 """The floor for server CPU per request: bare asyncio servers that do nothing but answer.
 
-    python benchmarks/floor_servers.py echo|raw     # prints "port N", serves until SIGTERM
+    python benchmarks/floor_servers.py echo|raw|storm     # prints "port N", serves until SIGTERM
 
 Each connection starts with an 8-byte header, two big-endian uint32: the request size and the
 reply size. After it, every complete request of that many bytes is answered with a reply of that
@@ -14,19 +14,36 @@ the send alone: the floor a pure-Python asyncio store server cannot go below.
 * ``raw``: the loop's raw-socket primitives, ``loop.add_reader`` + ``recv_into`` + ``send`` on
   non-blocking sockets, with one preallocated receive buffer (no transport or protocol objects).
 
-Both run on the default asyncio event loop, single-threaded, like ``rdzv_store serve``.
+* ``storm``: no header; the floor for a connection storm (``bench_storm_floor``): torch's
+  client's own requests (VALIDATE, PING, ADD, SET, WAIT) parsed by hand, on the primitives of
+  ``raw`` and our server's batched accept (``_StormFloor``).
+
+All run on the default asyncio event loop, single-threaded, like ``rdzv_store serve``.
 """
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import signal
 import socket
 import struct
 import sys
+from typing import ClassVar
 
 HOST = "127.0.0.1"
 HEADER = struct.Struct("!II")
+_U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
+_MAGIC = struct.pack("<I", 0x3C85F7CE)  # VALIDATE's
+
+
+def _somaxconn() -> int:
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
 
 
 class _Echo(asyncio.Protocol):
@@ -104,11 +121,156 @@ class _Raw:
                 self.sock.setblocking(False)
 
 
+class _StormFloor:
+    """The least Python that serves a storm correctly: torch's client's VALIDATE, PING, ADD, SET
+    and WAIT (and the CHECK and GET of our client's handshake), parsed by hand at fixed offsets,
+    on the same loop primitives as ``_Raw`` and our server (accepts in batches with the C socket
+    type, ``add_reader``, ``recv``, ``send``).
+
+    No limits, no metrics, no other request types (any other byte closes the connection): a
+    floor for CPU per storm connection and storm wall time, not a store.
+    """
+
+    kv: ClassVar[dict[bytes, bytes]] = {}  # one store for all connections, as a server has
+    waiters: ClassVar[dict[bytes, list[_StormFloor]]] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: _socket.socket) -> None:
+        self.loop, self.sock, self.fd = loop, sock, sock.fileno()
+        self.pending = b""
+        self.missing = 0  # keys of the parked WAIT not yet set
+        loop.add_reader(self.fd, self.readable)
+
+    def readable(self) -> None:
+        try:
+            data = self.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        if self.pending:
+            data = self.pending + data
+        out = []
+        kv = self.kv
+        i, n = 0, len(data)
+        while i < n:
+            t = data[i]
+            if t == 0 or t == 13:  # VALIDATE (no reply) / PING (echo the nonce)
+                if n - i < 5:
+                    break
+                if t == 13:
+                    out.append(data[i + 1 : i + 5])
+                elif data[i + 1 : i + 5] != _MAGIC:
+                    self.close()
+                    return
+                i += 5
+            elif t == 4 or t == 1:  # ADD key i64 -> i64 / SET key value
+                if n - i < 9:
+                    break
+                k_end = i + 9 + _U64.unpack_from(data, i + 1)[0]
+                if t == 4:
+                    end = k_end + 8
+                    if n < end:
+                        break
+                    key = data[i + 9 : k_end]
+                    value = int(kv.get(key, b"0")) + _I64.unpack_from(data, k_end)[0]
+                    kv[key] = b"%d" % value
+                    out.append(_I64.pack(value))
+                else:
+                    if n < k_end + 8:
+                        break
+                    end = k_end + 8 + _U64.unpack_from(data, k_end)[0]
+                    if n < end:
+                        break
+                    key = data[i + 9 : k_end]
+                    kv[key] = data[k_end + 8 : end]
+                self._wake(key)
+                i = end
+            elif t == 3:  # GET key -> value (empty if missing; our client's handshake probe)
+                if n - i < 9:
+                    break
+                k_end = i + 9 + _U64.unpack_from(data, i + 1)[0]
+                if n < k_end:
+                    break
+                value = kv.get(data[i + 9 : k_end], b"")
+                out.append(_U64.pack(len(value)) + value)
+                i = k_end
+            elif t == 6 or t == 5:  # WAIT n keys -> 00 once all exist / CHECK n keys -> 00 or 01
+                if n - i < 9:
+                    break
+                count, j, keys = _U64.unpack_from(data, i + 1)[0], i + 9, []
+                while len(keys) < count and j + 8 <= n:
+                    k_end = j + 8 + _U64.unpack_from(data, j)[0]
+                    if k_end > n:
+                        break
+                    keys.append(data[j + 8 : k_end])
+                    j = k_end
+                if len(keys) < count:
+                    break
+                i = j
+                missing = [k for k in keys if k not in kv]
+                if t == 5:
+                    out.append(b"\1" if missing else b"\0")
+                    continue
+                if not missing:
+                    out.append(b"\0")
+                for key in missing:
+                    self.waiters.setdefault(key, []).append(self)
+                self.missing = len(missing)
+            else:
+                self.close()
+                return
+        self.pending = data[i:]
+        if out:
+            self.send(b"".join(out) if len(out) > 1 else out[0])
+
+    def _wake(self, key: bytes) -> None:
+        for conn in self.waiters.pop(key, ()):
+            conn.missing -= 1
+            if not conn.missing:
+                conn.send(b"\0")
+
+    def send(self, data: bytes) -> None:
+        sent = self.sock.send(data)
+        if sent < len(data):  # never for these few bytes on a live socket; stay correct anyway
+            self.sock.setblocking(True)
+            self.sock.sendall(data[sent:])
+            self.sock.setblocking(False)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+            self.sock.close()
+            self.fd = -1
+
+
+def serve_storm_floor(loop: asyncio.AbstractEventLoop, listener: socket.socket) -> None:
+    accept = listener._accept  # type: ignore[attr-defined]  # the C accept, as our server uses
+    family, kind, proto = int(listener.family), int(listener.type), listener.proto
+
+    def acceptable() -> None:
+        for _ in range(512):  # a batch per wake-up, as our server
+            try:
+                fd, _ = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            sock = _socket.socket(family, kind, proto, fd)
+            sock.setblocking(False)
+            _StormFloor(loop, sock)
+
+    loop.add_reader(listener.fileno(), acceptable)
+
+
 def listener_socket() -> socket.socket:
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
     listener.bind((HOST, 0))
-    listener.listen(4096)
+    listener.listen(max(4096, _somaxconn()))
     listener.setblocking(False)
     return listener
 
@@ -138,8 +300,11 @@ async def _serve(kind: str) -> None:
     elif kind == "raw":
         server = None
         conns = serve_raw(loop, listener)  # noqa: F841 (kept alive until we return)
+    elif kind == "storm":
+        server = None
+        serve_storm_floor(loop, listener)
     else:
-        raise SystemExit(f"unknown floor server {kind!r}; choose echo or raw")
+        raise SystemExit(f"unknown floor server {kind!r}; choose echo, raw or storm")
     print(f"port {listener.getsockname()[1]}", flush=True)
     try:
         await asyncio.wait_for(stop, 3600)  # bounded even if nobody ever stops us

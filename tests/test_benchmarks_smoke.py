@@ -113,3 +113,26 @@ def test_pairs_runs_every_client_against_every_server(tmp_path: Path) -> None:
                 assert cell["p50_us"]["n"] == 5 and cell["p50_us"]["median"] > 0, cell
                 assert cell["client_cpu_us"]["median"] > 0, cell
     assert "Placement `free`" in out.read_text()
+
+
+def test_storm_floor_runs_our_clients_against_our_server_and_the_floor(tmp_path: Path) -> None:
+    """benchmarks/bench_storm_floor.py at a tiny N, torch-free: the storm completes without an
+    error against our server and against the floor server, and each reports its CPU per client."""
+    out = tmp_path / "storm_floor.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_storm_floor", "--no-torch", "--sizes", "32", "--reps", "2",
+         "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.with_suffix(".json").read_text())
+    cells = res["storms"]["32"]
+    assert sorted(cells) == ["ours->ours", "ours->storm"], cells
+    for cell in cells.values():
+        assert cell["errors"] == 0 and cell["reps"] == 2, cell
+        assert cell["wall_s"]["n"] == 2 and cell["wall_s"]["median"] > 0, cell
+        assert cell["server_user_us"]["n"] == 2, cell
+    assert "| 32 | storm |" in out.read_text()
