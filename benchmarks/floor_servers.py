@@ -233,6 +233,8 @@ class _StormFloor:
                 conn.send(b"\0")
 
     def send(self, data: bytes) -> None:
+        if self.fd < 0:  # closed while it waited: its STOP_WAITING has nobody to go to
+            return
         sent = self.sock.send(data)
         if sent < len(data):  # never for these few bytes on a live socket; stay correct anyway
             self.sock.setblocking(True)
