@@ -22,7 +22,6 @@ torch C++ clients, so only the server differs) and ``ours->ours``.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import socket
 import threading
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import (
+    CLK_TCK,
     HOST,
     client_class,
     close_client,
@@ -255,9 +255,8 @@ def storm_once(client: str, srv_impl: str, n: int, processes: int, bound: float)
         user1, sys1 = cpu_times(srv.pid)
     res = _summary_from(t0, results, per)
     # The server's CPU per storm connection (accept, handshake, add, wait, release), from /proc.
-    tick = os.sysconf("SC_CLK_TCK")
-    res["server_user_us"] = (user1 - user0) / tick / n * 1e6
-    res["server_sys_us"] = (sys1 - sys0) / tick / n * 1e6
+    res["server_user_us"] = (user1 - user0) / CLK_TCK / n * 1e6
+    res["server_sys_us"] = (sys1 - sys0) / CLK_TCK / n * 1e6
     return res
 
 

@@ -67,18 +67,12 @@ def markdown(res: dict[str, Any]) -> str:
             r = common.ratio(wall, torch_cell.get("wall_s")) if srv != "torch" else None
             overflows = (cell.get("ListenOverflows") or {}).get("median")
             lines.append(
-                f"| {int(n):,} | {srv} | {_range(wall, 3)} | {'–' if r is None else f'{r:.2f}x'} | "
+                f"| {int(n):,} | {srv} | {common.median_range(wall, 3)} | {'–' if r is None else f'{r:.2f}x'} | "
                 f"{common.median_range(cell.get('server_user_us'))} | {common.median_range(cell.get('server_sys_us'))} | "
                 f"{'–' if overflows is None else f'{overflows:,.0f}'} | {cell.get('errors', '?')} |"
             )
     lines.append("")
     return "\n".join(lines)
-
-
-def _range(s: dict[str, Any] | None, digits: int) -> str:
-    if not s or s.get("median") is None:
-        return "–"
-    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}–{s['max']:.{digits}f}]"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,11 +59,11 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
     return {"median": med, "min": min(vals), "max": max(vals), "spread": spread, "n": len(vals), "values": vals}
 
 
-def median_range(s: dict[str, Any] | None) -> str:
-    """A ``summarize`` result as "median [min–max]" (one decimal), "–" when there is none."""
+def median_range(s: dict[str, Any] | None, digits: int = 1) -> str:
+    """A ``summarize`` result as "median [min–max]" (``digits`` decimals), "–" when there is none."""
     if not s or s.get("median") is None:
         return "–"
-    return f"{s['median']:.1f} [{s['min']:.1f}–{s['max']:.1f}]"
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}–{s['max']:.{digits}f}]"
 
 
 def ratio(ours: dict | None, theirs: dict | None) -> float | None:

@@ -29,21 +29,19 @@ import signal
 import socket
 import struct
 import sys
+from pathlib import Path
 from typing import ClassVar
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, when run as a script
+
+from rdzv_store import protocol as p
+from rdzv_store.server import _listen_backlog  # listen as our server does
 
 HOST = "127.0.0.1"
 HEADER = struct.Struct("!II")
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
-_MAGIC = struct.pack("<I", 0x3C85F7CE)  # VALIDATE's
-
-
-def _somaxconn() -> int:
-    try:
-        with open("/proc/sys/net/core/somaxconn") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return socket.SOMAXCONN
+_VALIDATE = p.encode_validate()  # type byte and magic
 
 
 class _Echo(asyncio.Protocol):
@@ -162,7 +160,7 @@ class _StormFloor:
                     break
                 if t == 13:
                     out.append(data[i + 1 : i + 5])
-                elif data[i + 1 : i + 5] != _MAGIC:
+                elif data[i : i + 5] != _VALIDATE:
                     self.close()
                     return
                 i += 5
@@ -272,7 +270,7 @@ def listener_socket() -> socket.socket:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
     listener.bind((HOST, 0))
-    listener.listen(max(4096, _somaxconn()))
+    listener.listen(_listen_backlog())
     listener.setblocking(False)
     return listener
 
