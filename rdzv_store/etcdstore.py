@@ -337,7 +337,11 @@ class EtcdStore(Store):
                 try:
                     base = parse_int64(old)
                 except ValueError as exc:
-                    raise ValueError(f"add on key {format_keys([key])}: stored value is {exc}") from None
+                    if reads:  # etcd's own value: the error is real
+                        raise ValueError(f"add on key {format_keys([key])}: stored value is {exc}") from None
+                    # Only our remembered value (an append's, or since deleted or overwritten):
+                    # guess "absent" instead; the guard fails if it is not, and the read follows.
+                    kv = None
             total = int64(base + amount)
             new = str(total).encode()
             return _Attempt([_guard_state(full, kv)], [_put(full, new)], [_range(full)], total, remember=(full, new))

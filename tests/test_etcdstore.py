@@ -376,6 +376,22 @@ def test_auth_failures_are_clear_and_fast(auth_member):
         s.close()
 
 
+def test_add_after_an_append_trusts_etcd_not_its_own_memory(store):
+    """add's first guess is what this object last wrote there; a guess that is no integer (an
+    append's bytes, since deleted or overwritten) is no error: only etcd's value can be one."""
+    s1, s2 = store, store.clone()
+    s1.append("b", b"\x00")
+    s1.delete_key("b")
+    assert s1.add("b", 0) == 0  # the hypothesis model check found this one
+    s1.append("d", b"z")
+    s2.set("d", "5")
+    assert s1.add("d", 1) == 6
+    s2.set("d", "x")
+    with pytest.raises(ValueError, match="add on key d: stored value is not an integer"):
+        s1.add("d", 1)
+    s2.close()
+
+
 def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
 
