@@ -6,7 +6,7 @@
 The main run compares ours->ours with torch->torch, which cannot say whether a gap is the
 client's or the server's. Here three clients meet two servers, with identical bytes on the wire
 for the ops measured (add, check, compare_set 1 KiB; not get, which torch's client sends as WAIT
-then GET and ours as CHECK and GET pipelined):
+then GET and ours as one GET):
 
 * clients: ``ours`` (``rdzv_store.TCPStore``), ``torch`` (``torch.distributed.TCPStore``) and
   ``raw``, the pure-Python floor client: a blocking socket sending our client's request bytes

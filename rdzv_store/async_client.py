@@ -327,9 +327,10 @@ class AsyncTCPStore:
         self.port = port
         self._timeout_s = timeout_seconds(timeout)
         self._use_libuv = bool(use_libuv)
-        # One round trip per get (CHECK and GET pipelined) needs libuv's empty reply for a
-        # missing key; the primary connection's probe turns it off on torch's legacy server.
-        self._pipelined_get = self._use_libuv
+        # One round trip per get (a bare GET; CHECK and MULTI_GET pipelined when it answers
+        # empty) needs libuv's empty reply for a missing key; the primary connection's probe
+        # turns it off on torch's legacy server.
+        self._missing_get_is_empty = self._use_libuv
         self._primary: _AsyncConnection | None = None
         self._idle: list[_AsyncConnection] = []
         self._busy: set[_AsyncConnection] = set()
@@ -387,13 +388,13 @@ class AsyncTCPStore:
         return await _AsyncConnection.open(self.host, self.port, self._timeout_s, self._secret)
 
     async def _open_primary(self) -> _AsyncConnection:
-        if not self._pipelined_get:
+        if not self._missing_get_is_empty:
             return await self._open()
         try:
             return await _AsyncConnection.open(self.host, self.port, self._timeout_s, self._secret, probe=True)
         except _LegacyServerDetected:
             # Nothing but the handshake went out on that connection, so nothing was lost.
-            self._pipelined_get = False
+            self._missing_get_is_empty = False
             log.warning(
                 "the store at %s dropped the connection on a GET of a missing key, as torch's legacy "
                 "server does: using WAIT then GET (pass use_libuv=False to skip this probe)",
@@ -520,6 +521,14 @@ class AsyncTCPStore:
             TypeError: ``key`` has the wrong type.
             StoreConnectionError: the server cannot be reached or closed the connection.
         """
+        raw = key_bytes(key)
+        conn = await self._connected()  # settles _missing_get_is_empty (the primary's probe)
+        if self._missing_get_is_empty:
+            # One request, one reply for the common case. Empty is ambiguous under libuv's
+            # rules (an empty value, or a missing key), so it takes the path that can tell.
+            value: bytes = await self._await_reply(conn, conn.request(*cmd.get(raw), "get", raw))
+            if value:
+                return value
         return (await self.multi_get([key]))[0]
 
     async def multi_get(self, keys: Iterable[Key]) -> list[bytes]:
@@ -531,8 +540,8 @@ class AsyncTCPStore:
             StoreConnectionError: the server cannot be reached or closed the connection.
         """
         raw = key_list(keys)
-        conn = await self._connected()  # settles _pipelined_get (the primary's probe)
-        if self._pipelined_get:
+        conn = await self._connected()  # settles _missing_get_is_empty (the primary's probe)
+        if self._missing_get_is_empty:
             data, (check_parser, get_parser) = cmd.check_then_multi_get(raw)
             conn.write(data)
             ready, values = await asyncio.gather(

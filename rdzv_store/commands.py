@@ -236,6 +236,13 @@ def get_raw(raw_key: bytes) -> Command:
     return p.encode_key(_Q.GET, raw_key), _VALUE_REPLY
 
 
+def get(key: bytes) -> Command:
+    """A bare GET: under libuv's rules a missing key answers an empty value, so only a
+    non-empty reply is an answer; an empty one sends the client to CHECK/WAIT (see
+    ``check_then_multi_get``). Torch's legacy server drops the connection instead."""
+    return _key_only(_Q.GET, key), _VALUE_REPLY
+
+
 def compare_set(key: bytes, expected: bytes, desired: bytes) -> Command:
     return p.encode_compare_set(PREFIX + key, expected, desired), _VALUE_REPLY
 

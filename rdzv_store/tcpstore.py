@@ -121,9 +121,10 @@ class TCPStore(Store):
             raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
         self.host = host_name
         self._use_libuv = bool(use_libuv)  # use_libuv=None selects torch's legacy rules, as in torch
-        # One round trip per get (CHECK and GET pipelined) relies on libuv's empty reply for a
-        # missing key; off for legacy servers, by the flag or by the connection's probe.
-        self._pipelined_get = self._use_libuv
+        # One round trip per get (a bare GET; CHECK and MULTI_GET pipelined when it answers
+        # empty) relies on libuv's empty reply for a missing key; off for legacy servers, by the
+        # flag or by the connection's probe.
+        self._missing_get_is_empty = self._use_libuv
         self._world_size = world_size
         self._server: BackgroundServer | None = None
         self._multi_tenant = multi_tenant
@@ -139,7 +140,7 @@ class TCPStore(Store):
         try:
             self._conn = Connection(host_name, self.port, self._timeout_s, secret=self._secret, probe=self._use_libuv)
             if self._use_libuv and not self._conn.libuv_rules:
-                self._pipelined_get = False
+                self._missing_get_is_empty = False
                 log.warning(
                     "the store at %s dropped a GET of a missing key, as torch's legacy server does: "
                     "using WAIT then GET (pass use_libuv=False to skip this probe)",
@@ -253,10 +254,16 @@ class TCPStore(Store):
         self._conn.call(cmd.set_(key, value), "set", key)
 
     def _get(self, key: bytes, timeout: float) -> bytes:
+        if self._missing_get_is_empty:
+            # One request, one reply for the common case. Empty is ambiguous under libuv's
+            # rules (an empty value, or a missing key), so it takes the path that can tell.
+            value: bytes = self._conn.call(cmd.get(key), "get", key)
+            if value:
+                return value
         return self._multi_get([key], timeout)[0]
 
     def _multi_get(self, keys: list[bytes], timeout: float) -> list[bytes]:
-        if self._pipelined_get:
+        if self._missing_get_is_empty:
             ready, values = self._conn.call_many(*cmd.check_then_multi_get(keys), "get", keys)
             if ready:
                 return values  # type: ignore[no-any-return]

@@ -33,6 +33,7 @@ def test_requests_are_the_protocol_encoders_bytes(key: bytes) -> None:
     assert c.add(key, -5)[0] == p.encode_key_int(Q.ADD, raw, -5)
     assert c.barrier(key, 7)[0] == p.encode_key_int(Q.BARRIER, raw, 7)
     assert c.delete_key(key)[0] == p.encode_key(Q.DELETE_KEY, raw)
+    assert c.get(key)[0] == p.encode_key(Q.GET, raw)
     assert c.queue_pop(key)[0] == p.encode_key(Q.QUEUE_POP, raw)
     assert c.queue_len(key)[0] == p.encode_key(Q.QUEUE_LEN, raw)
     for keys in ([key], [key, b"b"], []):

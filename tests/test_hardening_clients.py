@@ -244,7 +244,7 @@ def test_server_allowing_torch_clients_still_serves_clients_without_secret():
     with TCPStore("127.0.0.1", 0, is_master=True, timeout=10, secret=SECRET, allow_torch_clients=True) as m:
         with TCPStore("127.0.0.1", m.port, timeout=10) as c:
             c.set("k", "v")
-            assert c.get("k") == b"v" and c._pipelined_get
+            assert c.get("k") == b"v" and c._missing_get_is_empty
 
         async def main() -> None:
             async with AsyncTCPStore("127.0.0.1", m.port, timeout=10) as s:

@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +26,7 @@ import pytest
 
 import prometheus_client.parser as prometheus_parser  # the test extra; a real Prometheus text parser
 
-from rdzv_store import StoreAuthError, StoreConnectionError, StoreServer, TCPStore  # noqa: E402
+from rdzv_store import AsyncTCPStore, StoreAuthError, StoreConnectionError, StoreServer, TCPStore  # noqa: E402
 from rdzv_store import metrics_http  # noqa: E402
 from rdzv_store import protocol as p  # noqa: E402
 from rdzv_store.metrics import CLOSE_REASONS, LATENCY_BUCKETS  # noqa: E402
@@ -134,6 +135,16 @@ def serve() -> Iterator[Callable[..., Served]]:
         served.stop()
 
 
+def request_counts(s: Served) -> dict[str, float]:
+    m = s.scrape()
+    return {q.name.lower(): val(m, "rdzv_store_requests_total", type=q.name.lower()) for q in Q}
+
+
+def requests_since(s: Served, before: dict[str, float]) -> dict[str, float]:
+    """The request types counted since ``before`` (a ``request_counts``), and how many of each."""
+    return {op: n - before[op] for op, n in request_counts(s).items() if n != before[op]}
+
+
 def assert_connection_books_balance(m: Metrics) -> None:
     closed = sum(val(m, "rdzv_store_connections_closed_total", reason=r) for r in CLOSE_REASONS)
     assert val(m, "rdzv_store_connections_accepted_total") - closed == val(m, "rdzv_store_connections_open")
@@ -221,19 +232,54 @@ def test_our_clients_requests_are_counted(serve) -> None:
     """What TCPStore operations cost on the wire, as an operator sees it."""
     s = serve()
     with TCPStore(HOST, s.port, timeout=10) as store:
-        before = s.scrape()
+        before = request_counts(s)
         for i in range(10):
             store.add("counter", 1)
         store.set("k", "v")
-        assert store.get("k") == b"v"  # CHECK and GET, pipelined
-        after = s.scrape()
+        assert store.get("k") == b"v"
+        assert requests_since(s, before) == {"add": 10, "set": 1, "get": 1}  # a get of a non-empty value is one GET
 
-    def d(label: str) -> float:
-        return val(after, "rdzv_store_requests_total", type=label) - val(before, "rdzv_store_requests_total", type=label)
 
-    assert (d("add"), d("set")) == (10, 1)
-    total = sum(d(q.name.lower()) for q in Q)
-    assert 12 <= total <= 14  # and the get: one or two requests, as the client's design has it
+def test_a_get_that_answers_empty_asks_again_in_a_way_that_can_tell(serve) -> None:
+    """Under libuv's rules an empty GET reply is an empty value or a missing key: the client
+    settles it with CHECK and MULTI_GET (pipelined), and waits only for a key that is missing."""
+    s = serve()
+
+    with TCPStore(HOST, s.port, timeout=10) as store, TCPStore(HOST, s.port, timeout=10) as writer:
+        store.set("empty", b"")
+        before = request_counts(s)
+        assert store.get("empty") == b""  # an empty value is a value: no wait
+        assert requests_since(s, before) == {"get": 1, "check": 1, "multi_get": 1}
+
+        before = request_counts(s)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(store.get("later")))
+        reader.start()
+        eventually(lambda: val(s.scrape(), "rdzv_store_waiters") == 1)
+        writer.set("later", b"now")
+        reader.join(timeout=10)
+        assert got == [b"now"]
+        assert requests_since(s, before) == {"get": 1, "check": 1, "multi_get": 2, "wait": 1, "set": 1}
+
+
+def test_the_asyncio_client_gets_the_same_way(serve) -> None:
+    s = serve()
+
+    async def main() -> None:
+        store = AsyncTCPStore(HOST, s.port, timeout=10)
+        try:
+            await store.set("k", b"v")
+            await store.set("empty", b"")
+            before = request_counts(s)
+            assert await store.get("k") == b"v"
+            assert requests_since(s, before) == {"get": 1}
+            before = request_counts(s)
+            assert await store.get("empty") == b""
+            assert requests_since(s, before) == {"get": 1, "check": 1, "multi_get": 1}
+        finally:
+            await store.close()
+
+    asyncio.run(main())
 
 
 # -- connections -----------------------------------------------------------------------------

@@ -456,9 +456,9 @@ def test_store_errors_are_runtime_errors():
 def test_handshake_probe_finds_libuv_rules_on_our_server(master):
     # The probe is a GET of a key no client can write; our server answers it with an empty value.
     with TCPStore("127.0.0.1", master.port, timeout=5) as probed:
-        assert probed._conn.libuv_rules is True and probed._pipelined_get
+        assert probed._conn.libuv_rules is True and probed._missing_get_is_empty
     with TCPStore("127.0.0.1", master.port, timeout=5, use_libuv=False) as legacy:
-        assert legacy._conn.libuv_rules is None and not legacy._pipelined_get  # no probe sent
+        assert legacy._conn.libuv_rules is None and not legacy._missing_get_is_empty  # no probe sent
     assert master.list_keys() == []  # the probe stores nothing
 
 

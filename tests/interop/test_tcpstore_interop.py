@@ -742,7 +742,7 @@ def test_default_flag_clients_keep_one_round_trip_gets_on_libuv(our_port: int, c
     torch_libuv = closing(TorchTCPStore(HOST, 0, is_master=True, timeout=TIMEOUT, use_libuv=True))
     for port in (our_port, torch_libuv.port):
         ours = closing(TCPStore(HOST, port, timeout=TIMEOUT))
-        assert ours._pipelined_get, f"probe misread the server on port {port}"
+        assert ours._missing_get_is_empty, f"probe misread the server on port {port}"
 
 
 def test_async_client_concurrent_ops_against_torch_server(torch_server: tuple[Any, bool]) -> None:
