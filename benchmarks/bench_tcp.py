@@ -23,6 +23,9 @@ SMALL_OPS = ["set+check", "add", "compare_set", "check", "get"]
 CPU_OPS = ["add", "check", "compare_set", "set+check"]
 FLOORS = ["echo", "raw"]  # the bare asyncio servers of floor_servers.py
 FLOOR = "raw"  # the one the round-trip figures alternate with the stores
+# An op whose clients send a request without a reply first (SET), then one with a reply: the
+# floor client sends the bytes before the last request's (measured on our wire) on their own.
+LAST_SEND = {"set+check": "check"}
 
 
 def _order(impls: list[str], rep: int) -> list[str]:
@@ -86,11 +89,17 @@ def _collect(raw: dict[str, dict[str, list[dict]]]) -> dict[str, Any]:
     return out
 
 
-def _floor_timed(port: int, size: tuple[int, int], budget: Budget, warmup: int) -> dict[str, float]:
-    """``_timed`` for the pure-Python floor: a blocking socket client and the ``raw`` floor server."""
+def _floor_client(port: int, sizes: dict[str, tuple[int, int]], op: str) -> Any:
+    """The floor's blocking client for ``op``, with the request and reply sizes of our wire."""
     from .floor_servers import FloorClient
 
-    client = FloorClient(port, *size)
+    last = LAST_SEND.get(op)
+    return FloorClient(port, *sizes[op], first=sizes[op][0] - sizes[last][0] if last else 0)
+
+
+def _floor_timed(port: int, sizes: dict[str, tuple[int, int]], op: str, budget: Budget, warmup: int) -> dict[str, float]:
+    """``_timed`` for the pure-Python floor: a blocking socket client and the ``raw`` floor server."""
+    client = _floor_client(port, sizes, op)
     try:
         for _ in range(warmup):
             client.request()
@@ -104,7 +113,8 @@ def small_ops(impls: list[str], reps: int, budget: Budget) -> dict[str, Any]:
 
     With the stores, the round-trip floor of pure Python (``FLOOR``): a blocking-socket client
     and the ``raw`` floor server exchanging each operation's request and reply sizes as
-    measured on our wire, alternated with the stores in every repetition.
+    measured on our wire (set+check's SET sent on its own first, as the clients send it),
+    alternated with the stores in every repetition.
     """
     value = bytes(range(256)) * 4
     kinds = [*impls, FLOOR]
@@ -116,7 +126,7 @@ def small_ops(impls: list[str], reps: int, budget: Budget) -> dict[str, Any]:
             for impl in _order(kinds, rep):
                 if impl == FLOOR:
                     for op in SMALL_OPS:
-                        raw[impl][op].append(_floor_timed(servers[impl].port, sizes[op], budget,
+                        raw[impl][op].append(_floor_timed(servers[impl].port, sizes, op, budget,
                                                           min(50, budget.count)))
                     continue
                 store = make_client(impl, servers[impl].port)
@@ -144,7 +154,7 @@ def cas_sweep(impls: list[str], reps: int, sizes: list[int], budget: Budget) -> 
     raw: dict[str, dict[str, list[dict]]] = {k: {} for k in kinds}
     with contextlib.ExitStack() as stack:
         servers = {k: stack.enter_context(server(k)) for k in kinds}
-        wire = {size: wire_sizes(servers["ours"].port, value_of(size), ["set+check", "compare_set"], calls=2)
+        wire = {size: wire_sizes(servers["ours"].port, value_of(size), ["set+check", "compare_set", "check"], calls=2)
                 for size in sizes}
         for rep in range(reps):
             for impl in _order(kinds, rep):
@@ -152,7 +162,7 @@ def cas_sweep(impls: list[str], reps: int, sizes: list[int], budget: Budget) -> 
                     for size in sizes:
                         for op in ("set+check", "compare_set"):
                             raw[impl].setdefault(f"{op}@{size}", []).append(
-                                _floor_timed(servers[impl].port, wire[size][op], budget, 1))
+                                _floor_timed(servers[impl].port, wire[size], op, budget, 1))
                     continue
                 store = make_client(impl, servers[impl].port)
                 try:
@@ -373,10 +383,9 @@ def server_cpu(impls: list[str], reps: int, count: int) -> dict[str, Any]:
     request (one round trip: set has no reply). The floor servers (``echo``, ``raw``:
     benchmarks/floor_servers.py) get the same count of requests with the same request and reply
     sizes, measured on the wire of our client and server by a counting proxy before the reps.
+    set+check's floor client sends SET's bytes on their own first, as the stores' clients do.
     All servers are fresh separate processes started once; the order alternates per repetition.
     """
-    from .floor_servers import FloorClient
-
     value = bytes(range(256)) * 4
     kinds = [*impls, *FLOORS]
     raw: dict[str, dict[str, list[dict]]] = {k: {op: [] for op in CPU_OPS} for k in kinds}
@@ -388,7 +397,7 @@ def server_cpu(impls: list[str], reps: int, count: int) -> dict[str, Any]:
                 srv = servers[kind]
                 if kind in FLOORS:
                     for op in CPU_OPS:
-                        client = FloorClient(srv.port, *sizes[op])
+                        client = _floor_client(srv.port, sizes, op)
                         try:
                             raw[kind][op].append(_measure_cpu(srv.pid, client.request, count))
                         finally:

@@ -34,6 +34,7 @@ from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, when run as a script
 
+from rdzv_store import commands as cmd
 from rdzv_store import protocol as p
 from rdzv_store.server import _listen_backlog  # listen as our server does
 
@@ -348,11 +349,73 @@ class BlockingClient:
 
 
 class FloorClient(BlockingClient):
-    """A blocking client of a floor server: ``req`` bytes up, ``reply`` bytes back per request."""
+    """A blocking client of a floor server: ``req`` bytes up, ``reply`` bytes back per request.
 
-    def __init__(self, port: int, req: int, reply: int) -> None:
+    ``first`` > 0 sends that many of the ``req`` bytes on their own before the rest, as a
+    request without a reply is sent (set+check: the clients send SET, then CHECK), so the
+    server may wake up twice, as it does for the stores.
+    """
+
+    def __init__(self, port: int, req: int, reply: int, first: int = 0) -> None:
         payload = b"q" * max(1, req)
         super().__init__(port, HEADER.pack(len(payload), reply), payload, reply)
+        self.head = payload[:first] if 0 < first < len(payload) else b""
+        self.payload = payload[len(self.head):]
+
+    def request(self) -> None:
+        if self.head:
+            self.sock.sendall(self.head)
+        super().request()
+
+
+class StormClient:
+    """The client floor of a storm: our client's bytes from a blocking socket, nothing else.
+
+    What ``rdzv_store.TCPStore`` sends in a storm (``bench_storm``), byte for byte: its
+    handshake (VALIDATE, PING, the secret probe's CHECK and the libuv probe's GET, in one send),
+    ADD, SET and WAIT; replies of known size read whole, nothing checked or parsed but ADD's
+    count. No timeouts beyond the socket's, no retries, no error messages: what a Python client
+    in a thread cannot go below. Only ``add``, ``set`` and ``wait`` (storm mode).
+    """
+
+    def __init__(self, host: str, port: int, is_master: bool = False, timeout: object = None,
+                 wait_for_workers: bool = False) -> None:
+        self.sock = socket.create_connection((host, port), timeout=120)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(_STORM_HANDSHAKE)
+        self._read(len(_STORM_HANDSHAKE_REPLY))
+
+    def _read(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            data += chunk
+        return data
+
+    def add(self, key: str, amount: int) -> int:
+        self.sock.sendall(cmd.add(key.encode(), amount)[0])
+        return int(_I64.unpack(self._read(8))[0])
+
+    def set(self, key: str, value: str) -> None:
+        self.sock.sendall(cmd.set_(key.encode(), value.encode())[0])
+
+    def wait(self, keys: list[str]) -> None:
+        self.sock.sendall(cmd.wait([k.encode() for k in keys])[0])
+        self._read(1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _storm_handshake() -> tuple[bytes, bytes]:
+    """Our client's handshake without a secret, with the libuv probe, and its replies' sizes."""
+    request = p.encode_validate() + p.encode_ping(0) + cmd.secret_probe()[0] + cmd.get_raw(cmd.PROBE_KEY)[0]
+    return request, b"p" * (4 + 1 + 8)  # PING's echo, CHECK's byte, the probe's empty value
+
+
+_STORM_HANDSHAKE, _STORM_HANDSHAKE_REPLY = _storm_handshake()
 
 
 if __name__ == "__main__":
