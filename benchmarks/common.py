@@ -366,12 +366,17 @@ def free_port() -> int:
 
 
 def client_class(impl: str) -> Any:
-    """The TCPStore class of ``ours`` (rdzv_store) or ``torch``; imports its package on first use.
+    """The TCPStore class of ``ours`` (rdzv_store) or ``torch``, or ``raw``, the storm's client
+    floor (``floor_servers.StormClient``); imports its package on first use.
 
     Timed code imports it first: importing torch takes about a second per process.
     """
     if impl == "torch":
         from torch.distributed import TCPStore
+    elif impl == "raw":  # the client floor: our client's bytes from a bare blocking socket (storms only)
+        from .floor_servers import StormClient
+
+        return StormClient
     else:
         from rdzv_store import TCPStore
     return TCPStore

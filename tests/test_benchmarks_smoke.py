@@ -116,8 +116,9 @@ def test_pairs_runs_every_client_against_every_server(tmp_path: Path) -> None:
 
 
 def test_storm_floor_runs_our_clients_against_our_server_and_the_floor(tmp_path: Path) -> None:
-    """benchmarks/bench_storm_floor.py at a tiny N, torch-free: the storm completes without an
-    error against our server and against the floor server, and each reports its CPU per client."""
+    """benchmarks/bench_storm_floor.py at a tiny N, torch-free: the storm of our clients and of
+    the client floor completes without an error against our server and against the floor server,
+    and each reports its CPU per client."""
     out = tmp_path / "storm_floor.md"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_storm_floor", "--no-torch", "--sizes", "32", "--reps", "2",
@@ -130,9 +131,49 @@ def test_storm_floor_runs_our_clients_against_our_server_and_the_floor(tmp_path:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.with_suffix(".json").read_text())
     cells = res["storms"]["32"]
-    assert sorted(cells) == ["ours->ours", "ours->storm"], cells
+    assert sorted(cells) == ["ours->ours", "raw->ours", "raw->storm"], cells
     for cell in cells.values():
         assert cell["errors"] == 0 and cell["reps"] == 2, cell
         assert cell["wall_s"]["n"] == 2 and cell["wall_s"]["median"] > 0, cell
         assert cell["server_user_us"]["n"] == 2, cell
-    assert "| 32 | storm |" in out.read_text()
+    assert "| 32 | raw → storm |" in out.read_text()
+
+
+def test_the_storm_client_floor_sends_our_clients_handshake() -> None:
+    """floor_servers.StormClient stands for our client in the storm: its handshake must be the
+    bytes rdzv_store.TCPStore sends (but PING's nonce, our pid), or the floor measures another
+    exchange. A listener takes TCPStore's handshake and answers it as our server would."""
+    import socket
+    import struct
+    import threading
+
+    from benchmarks import floor_servers
+    from rdzv_store import TCPStore
+    from rdzv_store import protocol as p
+
+    expected = floor_servers._STORM_HANDSHAKE
+    at = len(p.encode_validate()) + 1  # PING's u32 nonce follows VALIDATE and PING's type byte
+    nonce = slice(at, at + 4)
+    got: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                data = b""
+                while len(data) < len(expected) and (chunk := conn.recv(len(expected) - len(data))):
+                    data += chunk
+                got.append(data)
+                conn.sendall(data[nonce] + b"\x01" + struct.pack("<Q", 0))  # echo, CHECK's byte, empty value
+                conn.recv(1)  # until the client closes
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        store = TCPStore("127.0.0.1", listener.getsockname()[1], timeout=10)
+        store.close()
+        thread.join(timeout=10)
+    (data,) = got
+    assert len(data) == len(expected)
+    assert data[: nonce.start] + data[nonce.stop:] == expected[: nonce.start] + expected[nonce.stop:]
