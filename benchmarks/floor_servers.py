@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 from rdzv_store import commands as cmd
 from rdzv_store import protocol as p
+from rdzv_store.client import handshake_request  # the bytes our client sends
 from rdzv_store.server import _listen_backlog  # listen as our server does
 
 HOST = "127.0.0.1"
@@ -383,7 +384,7 @@ class StormClient:
         self.sock = socket.create_connection((host, port), timeout=120)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.sendall(_STORM_HANDSHAKE)
-        self._read(len(_STORM_HANDSHAKE_REPLY))
+        self._read(_STORM_REPLY_SIZE)
 
     def _read(self, size: int) -> bytes:
         data = b""
@@ -409,13 +410,9 @@ class StormClient:
         self.sock.close()
 
 
-def _storm_handshake() -> tuple[bytes, bytes]:
-    """Our client's handshake without a secret, with the libuv probe, and its replies' sizes."""
-    request = p.encode_validate() + p.encode_ping(0) + cmd.secret_probe()[0] + cmd.get_raw(cmd.PROBE_KEY)[0]
-    return request, b"p" * (4 + 1 + 8)  # PING's echo, CHECK's byte, the probe's empty value
-
-
-_STORM_HANDSHAKE, _STORM_HANDSHAKE_REPLY = _storm_handshake()
+# Our client's handshake without a secret, with the libuv probe (nonce 0: the floor has no pid
+# to prove), and how many reply bytes it reads: PING's echo, CHECK's byte, the probe's length.
+_STORM_HANDSHAKE, _STORM_REPLY_SIZE = handshake_request(0, probe=True)
 
 
 if __name__ == "__main__":

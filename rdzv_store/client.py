@@ -212,24 +212,37 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
 
+def handshake_request(nonce: int, probe: bool = False, secret_key: bytes | None = None) -> tuple[bytes, int]:
+    """The handshake's bytes, for one send, and how many reply bytes are known in advance.
+
+    VALIDATE and PING (``nonce``); then the shared-secret check's GET of ``secret_key``, or,
+    without a secret, the CHECK that tells whether the server requires one (see
+    ``commands.secret_probe``); then, if ``probe``, the GET of ``commands.PROBE_KEY`` that tells
+    libuv rules from legacy ones. Known reply bytes: PING's echo, then CHECK's byte and the probe's
+    length field (no secret), or the secret reply's length field.
+    """
+    # All in one send: torch's libuv server also accepts them merged in one segment.
+    request = p.encode_validate() + p.encode_ping(nonce)
+    if secret_key is not None:
+        request += p.encode_key(p.QueryType.GET, secret_key)
+        known = 4 + 8
+    else:
+        request += commands.secret_probe()[0]
+        known = 4 + 1 + (8 if probe else 0)
+    if probe:
+        request += commands.get_raw(commands.PROBE_KEY)[0]
+    return request, known
+
+
 def _handshake(sock: socket.socket, secret: bytes | None = None, address: str = "", probe: bool = False) -> bool | None:
-    """Send VALIDATE and PING (plus the secret check and the probe, pipelined); check the replies.
+    """Send the handshake (``handshake_request``) and check the replies.
     Returns the probe's verdict: True for libuv rules, False for a legacy server, None unprobed.
     The socket's own bound (``_open``) bounds each send and receive."""
     nonce = _pid & 0xFFFFFFFF  # getpid(), refreshed after a fork
-    # Both in one send: torch's libuv server also accepts them merged in one segment.
-    request = p.encode_validate() + p.encode_ping(nonce)
-    proof = b""
-    if secret is not None:  # the shared-secret check, pipelined: no extra round trip
-        key, proof = auth.client_request_key(secret)
-        request += p.encode_key(p.QueryType.GET, key)
-    else:  # does the server require a secret we do not have? (see commands.secret_probe)
-        request += commands.secret_probe()[0]
-    if probe:
-        request += commands.get_raw(commands.PROBE_KEY)[0]
+    key, proof = auth.client_request_key(secret) if secret is not None else (None, b"")
+    request, known = handshake_request(nonce, probe, key)
     sock.sendall(request)
-    # Replies of known size: the echo, then CHECK's byte (no secret) and the probe's length.
-    reader = _HandshakeReader(sock, 4 + (1 + (8 if probe else 0) if secret is None else 8))
+    reader = _HandshakeReader(sock, known)
     echo = reader.exactly(4)
     if echo != nonce.to_bytes(4, "little"):
         raise ConnectionError(f"PING failed: sent nonce {nonce}, got {echo.hex()}")
