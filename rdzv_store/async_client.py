@@ -529,7 +529,7 @@ class AsyncTCPStore:
             value: bytes = await self._await_reply(conn, conn.request(*cmd.get(raw), "get", raw))
             if value:
                 return value
-        return (await self.multi_get([key]))[0]
+        return (await self._multi_get(conn, [raw]))[0]
 
     async def multi_get(self, keys: Iterable[Key]) -> list[bytes]:
         """Wait up to the store timeout for every key, then return their values in order.
@@ -540,7 +540,11 @@ class AsyncTCPStore:
             StoreConnectionError: the server cannot be reached or closed the connection.
         """
         raw = key_list(keys)
-        conn = await self._connected()  # settles _missing_get_is_empty (the primary's probe)
+        return await self._multi_get(await self._connected(), raw)
+
+    async def _multi_get(self, conn: _AsyncConnection, raw: list[bytes]) -> list[bytes]:
+        """``multi_get`` of checked keys on ``conn``, from ``_connected()`` (which settles
+        ``_missing_get_is_empty``: the primary's probe)."""
         if self._missing_get_is_empty:
             data, (check_parser, get_parser) = cmd.check_then_multi_get(raw)
             conn.write(data)
