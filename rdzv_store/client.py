@@ -10,6 +10,7 @@ closed, because its byte stream can no longer be trusted.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import select
@@ -221,6 +222,12 @@ def handshake_request(nonce: int, probe: bool = False, secret_key: bytes | None 
     libuv rules from legacy ones. Known reply bytes: PING's echo, then CHECK's byte and the probe's
     length field (no secret), or the secret reply's length field.
     """
+    if secret_key is None:
+        return _plain_handshake(nonce, probe)
+    return _handshake_request(nonce, probe, secret_key)
+
+
+def _handshake_request(nonce: int, probe: bool, secret_key: bytes | None) -> tuple[bytes, int]:
     # All in one send: torch's libuv server also accepts them merged in one segment.
     request = p.encode_validate() + p.encode_ping(nonce)
     if secret_key is not None:
@@ -232,6 +239,13 @@ def handshake_request(nonce: int, probe: bool = False, secret_key: bytes | None 
     if probe:
         request += commands.get_raw(commands.PROBE_KEY)[0]
     return request, known
+
+
+@functools.lru_cache(maxsize=8)
+def _plain_handshake(nonce: int, probe: bool) -> tuple[bytes, int]:
+    """The handshake without a secret: the same bytes for every connection of a process (its
+    pid is the nonce), built once instead of once per connection."""
+    return _handshake_request(nonce, probe, None)
 
 
 def _handshake(sock: socket.socket, secret: bytes | None = None, address: str = "", probe: bool = False) -> bool | None:
@@ -323,8 +337,9 @@ class Connection:
 
     def _adopt(self, sock: socket.socket, bound: float) -> None:
         self._sock = sock
-        # Big reply values (a 8 MiB get) are received straight into a buffer of their final size.
-        self._decoder = p.StreamDecoder(self.limits.max_request, in_place=_IN_PLACE)
+        # The decoder of replies not read whole from the receive buffer, made on first need
+        # (``_stream_decoder``): most connections never need one.
+        self._decoder: p.StreamDecoder | None = None
         self._rbuf = memoryview(bytearray(_RECV_FIRST))
         # Received bytes not yet parsed, kept in _rbuf[_rpos:_rend] while the decoder is idle
         # (holds nothing): replies that arrive whole are read from there without it.
@@ -500,13 +515,13 @@ class Connection:
                     self._rend = end
                     self._unanswered = None  # a reply means every earlier request was processed
                     return found[0]
-                self._decoder.feed(self._rbuf[pos:end])
+                self._stream_decoder().feed(self._rbuf[pos:end])
                 self._rpos = self._rend = 0
             elif self._rpos < self._rend:
-                self._decoder.feed(self._rbuf[self._rpos : self._rend])
+                self._stream_decoder().feed(self._rbuf[self._rpos : self._rend])
                 self._rpos = self._rend = 0
             self._idle = False
-        decoder = self._decoder
+        decoder = self._stream_decoder()
         while True:
             try:
                 reply = decoder.decode(parser)
@@ -523,6 +538,13 @@ class Connection:
                 continue
             nbytes = self._recv(sock, deadline)
             decoder.feed(self._rbuf[:nbytes])
+
+    def _stream_decoder(self) -> p.StreamDecoder:
+        decoder = self._decoder
+        if decoder is None:
+            # Big reply values (an 8 MiB get) are received straight into a buffer of their final size.
+            decoder = self._decoder = p.StreamDecoder(self.limits.max_request, in_place=_IN_PLACE)
+        return decoder
 
     def read_reply(self, parser: p.ReplyParser, deadline: float | None = None) -> Any:
         """Read a reply that must come promptly; a timeout poisons the connection."""

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from datetime import timedelta
 
 from . import commands as cmd
@@ -44,6 +45,10 @@ _tenants_lock = threading.Lock()
 def _wire(keys: list[bytes]) -> list[bytes]:
     """Keys as they go on the wire (torch's "/" prefix), for timeout messages."""
     return [cmd.PREFIX + k for k in keys]
+
+
+def _nothing() -> None:
+    return None
 
 
 def _release_server(server: BackgroundServer | None, port: int, multi_tenant: bool) -> None:
@@ -136,7 +141,13 @@ class TCPStore(Store):
             )
             if self._server is not None:
                 self.port = self._server.port
-        self._finalizer = weakref.finalize(self, _release_server, self._server, self.port, multi_tenant)
+        # Stops (or releases, multi_tenant) the hosted server when this object goes away unclosed.
+        # A plain client has nothing to release: no finalizer (a storm makes thousands of them).
+        self._finalizer: Callable[[], object] = (
+            weakref.finalize(self, _release_server, self._server, self.port, multi_tenant)
+            if self._server is not None
+            else _nothing
+        )
         try:
             self._conn = Connection(host_name, self.port, self._timeout_s, secret=self._secret, probe=self._use_libuv)
             if self._use_libuv and not self._conn.libuv_rules:
