@@ -66,9 +66,10 @@ FULL = Config(
     cas_sizes=[16 * KIB, 64 * KIB, 256 * KIB, 1 * MIB, 2 * MIB, 4 * MIB, 8 * MIB],
     cas=Budget(300, 1.0, minimum=3),
     clients=8, aggregate_s=2.0,
-    storm_sizes=[512, 2048, 4096, 8192, 16384], storm_reps={512: 5, 2048: 5, 4096: 3, 8192: 3, 16384: 3},
+    # Issue 12's rule: medians of >= 5 repetitions, for storms at every N too (3 above 2,048 before).
+    storm_sizes=[512, 2048, 4096, 8192, 16384], storm_reps={512: 5, 2048: 5, 4096: 5, 8192: 5, 16384: 5},
     storm_processes=16, storm_bound_s=150.0,
-    memory_connections=[4096, 16384], memory_reps=3,
+    memory_connections=[4096, 16384], memory_reps=5,
     fs_reps=5, fs=Budget(20000, 1.0), fs_processes=4, fs_contended_s=2.0,
     lock_s=1.0,
 )
