@@ -373,6 +373,16 @@ def markdown(res: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(lines)
 
 
+#: Every PNG ``plots`` may write.
+PLOT_NAMES = ("latency_vs_size.png", "storm_vs_n.png", "init_vs_n.png")
+
+
+def stale_plots(out: Path, made: list[str]) -> list[str]:
+    """PNGs in ``out`` that this run did not write (no matplotlib, or a figure not measured): an
+    earlier run's, which the run must name rather than leave beside its results unremarked."""
+    return [name for name in PLOT_NAMES if name not in made and (out / name).exists()]
+
+
 def plots(res: dict[str, Any], out: Path) -> list[str]:
     """Latency vs value size, and storm/init wall time vs N, as PNG; [] without matplotlib."""
     try:

@@ -195,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "latest.md").write_text(report.markdown(results, plots))
     print(f"[bench] wrote {args.out / 'latest.md'} and latest.json ({len(plots)} plot(s)) "
           f"in {time.monotonic() - started:.0f} s", flush=True)
+    stale = report.stale_plots(args.out, plots)
+    if stale:
+        why = "--no-plots" if args.no_plots else "matplotlib is not importable (pip install matplotlib)"
+        print(f"[bench] WARNING: not plotted ({why}); {', '.join(stale)} in {args.out} are from an "
+              "earlier run and do not show this one", flush=True)
     if cfg.name != "tiny" and not args.no_readme and args.out.resolve() == (HERE / "results").resolve():
         changed = readme.update(readme.README, args.out / "latest.json")
         print(f"[bench] README performance table {'regenerated' if changed else 'unchanged'} "

@@ -20,6 +20,7 @@ from benchmarks import netns  # noqa: E402
 
 
 def test_runner_tiny(tmp_path: Path) -> None:
+    (tmp_path / "storm_vs_n.png").write_bytes(b"an earlier run's plot")  # not rewritten: --no-plots
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--tiny", "--no-torch", "--no-plots", "--out", str(tmp_path)],
         cwd=REPO,
@@ -59,6 +60,12 @@ def test_runner_tiny(tmp_path: Path) -> None:
     assert "Summary against the targets of issue 12" in md
     assert "Server CPU per request" in md and "machine limit" in md
     assert results["machine"]["python"] and results["machine"]["date"]
+    # a plot this run did not write is named as an earlier run's, not left unremarked
+    assert "storm_vs_n.png" in proc.stdout and "from an earlier run" in proc.stdout, proc.stdout
+    assert "latency_vs_size.png" not in proc.stdout  # absent, so not stale
+    from benchmarks import report
+
+    assert report.stale_plots(tmp_path, ["storm_vs_n.png"]) == []
     # the README generator renders these results (new rows included) between its markers
     from benchmarks import readme
 
