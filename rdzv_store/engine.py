@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from .args import int64, parse_int64
+from .args import INT64_MAX, INT64_MIN, int64, parse_int64
 
 __all__ = ["Engine", "Waiter"]
 
@@ -56,7 +56,11 @@ class Engine:
         return key in self.kv or bool(self.queues.get(key))
 
     def check(self, keys: list[bytes]) -> bool:
-        return all(self.exists(k) for k in keys)
+        kv = self.kv  # exists() per key, inline: CHECK is most of a rendezvous' requests
+        for k in keys:
+            if k not in kv and not self.queues.get(k):
+                return False
+        return True
 
     def get(self, key: bytes) -> bytes | None:
         return self.kv.get(key)
@@ -77,7 +81,8 @@ class Engine:
     # -- writes ------------------------------------------------------------------------------
     def set(self, key: bytes, value: bytes) -> None:
         self.kv[key] = value
-        self._wake(key)
+        if key in self._waiters:  # (the test inline: most writes wake nobody)
+            self._wake(key)
 
     def multi_set(self, keys: list[bytes], values: list[bytes]) -> None:
         for key, value in zip(keys, values):
@@ -96,9 +101,12 @@ class Engine:
             base = int(old)  # a plain non-negative counter (what add stores): stoll agrees, no scan
         else:
             base = parse_int64(old)
-        total = int64(base + amount)
+        total = base + amount
+        if not INT64_MIN <= total <= INT64_MAX:  # in range (nearly always): no wrapping
+            total = int64(total)
         self.kv[key] = str(total).encode()
-        self._wake(key)
+        if key in self._waiters:
+            self._wake(key)
         return total
 
     def compare_set(self, key: bytes, expected: bytes, desired: bytes) -> bytes:
@@ -109,7 +117,8 @@ class Engine:
         elif current != expected:
             return current
         self.kv[key] = desired
-        self._wake(key)
+        if key in self._waiters:
+            self._wake(key)
         return desired
 
     def delete(self, key: bytes) -> bool:

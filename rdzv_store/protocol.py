@@ -175,6 +175,22 @@ class StreamDecoder:
         self._lent_pos = 0
         self._lent_end = end
 
+    def sole(self, buffer: bytearray, end: int, fast: FastParser) -> Any:
+        """The message that is all of ``buffer[:end]``, when nothing else is buffered and ``fast``
+        parses it whole; otherwise ``None``, with nothing consumed (``lend`` it then).
+
+        Why: one small request per read is the server's common case. Taking it here, rather
+        than through ``lend``, two ``decode`` calls (the second says ``NEED_DATA``) and ``keep``,
+        is four Python calls fewer per request (the server's ``_on_readable``).
+        """
+        if self._lent is not None or self._gen is not None or self._pos != len(self._buf) or end > self.max_message:
+            return None
+        found = fast(buffer, 0, end)
+        if found is None or found[1] != end:
+            return None
+        self.last_size = end
+        return found[0]
+
     def keep(self) -> int:
         """Copy what is left of a lent buffer (``lend``) into the decoder's own buffer; return
         ``held`` (what the server's budget counts, in the same call: it runs per read)."""
@@ -417,6 +433,7 @@ def fast_request_parser(limits: Limits) -> FastParser:
     int_ops = frozenset(map(int, (QueryType.ADD, QueryType.BARRIER)))
     bare_ops = frozenset(map(int, (QueryType.GETNUMKEYS, QueryType.CANCEL_WAIT, QueryType.LIST_KEYS)))
     compare_set, ping, validate = int(QueryType.COMPARE_SET), int(QueryType.PING), int(QueryType.VALIDATE)
+    key_first = kv_ops | key_ops | int_ops | {compare_set}  # requests that start with one key
 
     def field(buf: bytearray, i: int, end: int, limit: int) -> tuple[bytes, int] | None:
         if i + 8 > end:
@@ -434,15 +451,28 @@ def fast_request_parser(limits: Limits) -> FastParser:
             return None
         op = buf[pos]
         i = pos + 1
-        if op in kv_ops:
-            k = field(buf, i, end, max_key)
-            if k is None:
+        if op in key_first:
+            # The request's key, read inline rather than by ``field``: one call fewer for every
+            # request that has a key (most of them; a key is never 4 KiB in practice).
+            if i + 8 > end:
                 return None
-            v = field(buf, k[1], end, max_value)
-            return None if v is None else ((op, k[0], v[0]), v[1])
-        if op in key_ops:
-            k = field(buf, i, end, max_key)
-            return None if k is None else ((op, k[0]), k[1])
+            (n,) = _U64_FROM(buf, i)
+            i += 8
+            j = i + n
+            if n > max_key or j > end:
+                return None
+            key = bytes(buf[i:j]) if n < 4096 else bytes(memoryview(buf)[i:j])
+            if op in key_ops:
+                return (op, key), j
+            if op in int_ops:
+                return None if j + 8 > end else ((op, key, _I64_FROM(buf, j)[0]), j + 8)
+            v = field(buf, j, end, max_value)
+            if v is None:
+                return None
+            if op != compare_set:  # kv_ops
+                return (op, key, v[0]), v[1]
+            desired = field(buf, v[1], end, max_value)
+            return None if desired is None else ((op, key, v[0], desired[0]), desired[1])
         if op in keys_ops:
             if i + 8 > end:
                 return None
@@ -458,18 +488,6 @@ def fast_request_parser(limits: Limits) -> FastParser:
                 keys.append(k[0])
                 i = k[1]
             return (op, keys), i
-        if op in int_ops:
-            k = field(buf, i, end, max_key)
-            if k is None or k[1] + 8 > end:
-                return None
-            return (op, k[0], _I64_FROM(buf, k[1])[0]), k[1] + 8
-        if op == compare_set:
-            k = field(buf, i, end, max_key)
-            expected = None if k is None else field(buf, k[1], end, max_value)
-            desired = None if expected is None else field(buf, expected[1], end, max_value)
-            if desired is None:
-                return None
-            return (op, k[0], expected[0], desired[0]), desired[1]  # type: ignore[index]
         if op == ping:
             return None if i + 4 > end else ((op, bytes(buf[i : i + 4])), i + 4)
         if op == validate:

@@ -76,11 +76,13 @@ def test_pipelined_requests_parse_identically_under_any_split(reqs, cuts):
     st.lists(requests(), min_size=1, max_size=8),
     st.lists(st.integers(0, 10_000), max_size=12),
     st.lists(st.integers(0, 3), max_size=12),
+    st.booleans(),
 )
-def test_lent_buffer_parses_identically_and_is_never_read_after_it_is_handed_back(reqs, cuts, stops):
-    # The server's way: every chunk is received into ONE shared buffer and lent to the decoder,
-    # which parses complete requests (fast parser) straight out of it. After NEED_DATA, or
-    # keep() when the server stops early (backpressure), the buffer is scribbled over, as the
+def test_lent_buffer_parses_identically_and_is_never_read_after_it_is_handed_back(reqs, cuts, stops, use_sole):
+    # The server's way: every chunk is received into ONE shared buffer; a chunk that is one
+    # whole request with nothing pending is taken by sole(), anything else is lent to the
+    # decoder, which parses complete requests (fast parser) straight out of it. After NEED_DATA,
+    # or keep() when the server stops early (backpressure), the buffer is scribbled over, as the
     # next connection's recv_into would: any byte read after that would corrupt a request.
     limits = p.Limits()
     start = lambda: p.read_request(limits)  # noqa: E731
@@ -91,6 +93,12 @@ def test_lent_buffer_parses_identically_and_is_never_read_after_it_is_handed_bac
     out = []
     for index, chunk in enumerate(split(stream, cuts)):
         shared[: len(chunk)] = chunk
+        sole = decoder.sole(shared, len(chunk), fast) if use_sole else None
+        if sole is not None:
+            assert decoder.last_size == len(chunk)
+            out.append(sole)
+            shared[:] = b"\xee" * len(shared)
+            continue
         decoder.lend(shared, len(chunk))
         budget = stops[index] if index < len(stops) and stops[index] else None  # requests before an early stop
         while budget is None or budget > 0:
@@ -105,6 +113,22 @@ def test_lent_buffer_parses_identically_and_is_never_read_after_it_is_handed_bac
         out.append(request)
     assert out == [expected for _, expected in reqs]
     assert not decoder.in_message
+
+
+def test_sole_takes_only_a_whole_single_request_with_nothing_pending():
+    limits = p.Limits()
+    fast = p.fast_request_parser(limits)
+    add = p.encode_key_int(Q.ADD, b"/k", 1)
+    buf = bytearray(add + add)
+    decoder = p.StreamDecoder(limits.max_request)
+    assert decoder.sole(buf, len(add), fast) == (Q.ADD, b"/k", 1)
+    assert decoder.sole(buf, len(add) - 1, fast) is None  # incomplete
+    assert decoder.sole(buf, 2 * len(add), fast) is None  # two requests: lend() takes them
+    decoder.feed(add[:3])  # part of a request pending: the next bytes belong to it
+    assert decoder.sole(buf, len(add), fast) is None
+    assert decoder.buffered == 3  # declining consumed nothing
+    small = p.StreamDecoder(len(add) - 1)  # over the message bound: decode() raises, not sole()
+    assert small.sole(buf, len(add), fast) is None
 
 
 @settings(max_examples=300, deadline=None)
