@@ -167,9 +167,9 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(repo: Path = REPO) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(repo), env.get("PYTHONPATH", "")) if x)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -255,8 +255,13 @@ def install_cleanup() -> None:
             signal.signal(sig, _on_signal)
 
 
-def start_server(impl: str, timeout: float = 60.0) -> ServerProc:
-    """Start a fresh server process: ``ours`` (rdzv_store serve) or ``torch`` (libuv TCPStore)."""
+def start_server(impl: str, timeout: float = 60.0, wrap: Sequence[str] = (), repo: Path = REPO) -> ServerProc:
+    """Start a fresh server process: ``ours`` (rdzv_store serve) or ``torch`` (libuv TCPStore).
+
+    ``wrap``: a command the server runs under (``valgrind --tool=callgrind``, for example);
+    ``repo``: the checkout whose ``rdzv_store`` and ``benchmarks`` it runs (another commit's
+    worktree, to measure a change side by side).
+    """
     if impl == "ours":
         cmd = [sys.executable, "-m", "rdzv_store", "--log-level", "WARNING", "serve", "--host", HOST, "--port", "0",
                "--max-connections", "65536", "--loop", SERVER_LOOP]
@@ -269,7 +274,7 @@ def start_server(impl: str, timeout: float = 60.0) -> ServerProc:
         pattern = r"port (\d+)"
     else:
         raise ValueError(impl)
-    proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env())
+    proc = spawn([*wrap, *cmd], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env(repo))
     try:
         port = _read_port(proc, pattern, timeout)
     except BaseException:

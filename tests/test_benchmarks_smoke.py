@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -184,3 +187,28 @@ def test_the_storm_client_floor_sends_our_clients_handshake() -> None:
     (data,) = got
     assert len(data) == len(expected)
     assert data[: nonce.start] + data[nonce.stop:] == expected[: nonce.start] + expected[nonce.stop:]
+
+
+def test_instruction_counts_tiny(tmp_path: Path) -> None:
+    # callgrind counts instructions, so the same server code counts (nearly) the same twice: our
+    # server as of HEAD, from a worktree, against the checkout's own. A broken reading of
+    # callgrind_control (zero, or the totals of the wrong process) would not agree.
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        pytest.skip("valgrind is not installed (Debian: apt-get install valgrind)")
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout: --baseline needs one")
+    out = tmp_path / "instructions.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_instructions", "--reps", "5", "--count", "20", "--warmup", "10", "--no-torch",
+         "--baseline", "HEAD", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert results["kinds"] == ["ours", "ours@HEAD", "raw"]
+    for op, per in results["servers"].items():
+        ours, head, raw = (per[k]["median"] for k in results["kinds"])
+        assert raw > 1000, (op, per)  # an event loop's wake-up is thousands of instructions
+        assert ours > raw, (op, per)  # our server does what the floor does, and more
+        assert abs(ours - head) <= 0.2 * ours, (op, per)
+    assert "Above the floor" in out.read_text()
