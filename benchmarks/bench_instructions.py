@@ -83,12 +83,22 @@ def instructions(pid: int) -> int:
     return sum(int(c.replace(",", "")) for c in counts)
 
 
-def measure(kinds: list[str], reps: int, count: int, tree: Path | None = None, warmup: int = WARMUP) -> dict[str, Any]:
+def measure(
+    kinds: list[str], reps: int, count: int, tree: Path | None = None, warmup: int = WARMUP,
+    origins: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Per op and server, instructions per request; ``origins`` gets the package each of our servers ran."""
+    origins = {} if origins is None else origins
     wrap = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
     servers = {}
     for kind in kinds:
         impl, _, rev = kind.partition("@")  # "ours@REV": our server from the baseline's worktree
         repo = tree if rev and tree is not None else common.REPO
+        if impl == "ours":
+            origin = common.package_origin(repo)
+            if not Path(origin).is_relative_to(repo):
+                raise RuntimeError(f"{kind} would import {origin}, not the rdzv_store of {repo}")
+            origins[kind] = origin
         servers[kind] = common.start_server(impl, timeout=START_TIMEOUT, wrap=wrap, repo=repo)
     rows: dict[str, dict[str, list[float]]] = {op: {kind: [] for kind in kinds} for op in OPS}
     clients: dict[tuple[str, str], BlockingClient] = {}
@@ -179,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                            "warmup": args.warmup, "kinds": _kinds(args.baseline, not args.no_torch), "baseline": args.baseline}
     started = time.monotonic()
     with _worktree(args.baseline) as tree:
-        res["servers"] = measure(res["kinds"], args.reps, args.count, tree, args.warmup)
+        res["origins"] = {}
+        res["servers"] = measure(res["kinds"], args.reps, args.count, tree, args.warmup, res["origins"])
     res["seconds"] = round(time.monotonic() - started, 1)
     common.write_report(args.out, markdown(res), res)
     return 0

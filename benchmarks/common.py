@@ -255,6 +255,14 @@ def install_cleanup() -> None:
             signal.signal(sig, _on_signal)
 
 
+def package_origin(repo: Path = REPO) -> str:
+    """The ``rdzv_store/__init__.py`` a server started with ``repo`` (``start_server``) imports."""
+    return subprocess.run(
+        [sys.executable, "-c", "import rdzv_store; print(rdzv_store.__file__)"],
+        env=_child_env(repo), cwd=repo, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.strip()
+
+
 def start_server(impl: str, timeout: float = 60.0, wrap: Sequence[str] = (), repo: Path = REPO) -> ServerProc:
     """Start a fresh server process: ``ours`` (rdzv_store serve) or ``torch`` (libuv TCPStore).
 
@@ -274,7 +282,8 @@ def start_server(impl: str, timeout: float = 60.0, wrap: Sequence[str] = (), rep
         pattern = r"port (\d+)"
     else:
         raise ValueError(impl)
-    proc = spawn([*wrap, *cmd], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env(repo))
+    # cwd: ``python -m`` puts the working directory first on sys.path, before PYTHONPATH.
+    proc = spawn([*wrap, *cmd], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env(repo), cwd=repo)
     try:
         port = _read_port(proc, pattern, timeout)
     except BaseException:

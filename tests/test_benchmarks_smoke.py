@@ -206,6 +206,9 @@ def test_instruction_counts_tiny(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads(out.with_suffix(".json").read_text())
     assert results["kinds"] == ["ours", "ours@HEAD", "raw"]
+    origins = results["origins"]  # the baseline's server ran the worktree's package, not ours
+    assert origins["ours"] == str(REPO / "rdzv_store" / "__init__.py"), origins
+    assert origins["ours@HEAD"] != origins["ours"] and origins["ours@HEAD"].endswith("__init__.py"), origins
     for op, per in results["servers"].items():
         ours, head, raw = (per[k]["median"] for k in results["kinds"])
         assert raw > 1000, (op, per)  # an event loop's wake-up is thousands of instructions
