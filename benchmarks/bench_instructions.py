@@ -83,23 +83,24 @@ def instructions(pid: int) -> int:
     return sum(int(c.replace(",", "")) for c in counts)
 
 
-def measure(
-    kinds: list[str], reps: int, count: int, tree: Path | None = None, warmup: int = WARMUP,
-    origins: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Per op and server, instructions per request; ``origins`` gets the package each of our servers ran."""
-    origins = {} if origins is None else origins
-    wrap = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
-    servers = {}
-    for kind in kinds:
-        impl, _, rev = kind.partition("@")  # "ours@REV": our server from the baseline's worktree
-        repo = tree if rev and tree is not None else common.REPO
-        if impl == "ours":
+def origins(repos: dict[str, Path]) -> dict[str, str]:
+    """Which ``rdzv_store`` each of our servers will import, checked to be its checkout's."""
+    found = {}
+    for kind, repo in repos.items():
+        if kind.startswith("ours"):
             origin = common.package_origin(repo)
             if not Path(origin).is_relative_to(repo):
                 raise RuntimeError(f"{kind} would import {origin}, not the rdzv_store of {repo}")
-            origins[kind] = origin
-        servers[kind] = common.start_server(impl, timeout=START_TIMEOUT, wrap=wrap, repo=repo)
+            found[kind] = origin
+    return found
+
+
+def measure(repos: dict[str, Path], reps: int, count: int, warmup: int = WARMUP) -> dict[str, Any]:
+    """Per op and server (``repos``: kind -> the checkout it runs), instructions per request."""
+    kinds = list(repos)
+    wrap = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    servers = {kind: common.start_server(kind.partition("@")[0], timeout=START_TIMEOUT, wrap=wrap, repo=repo)
+               for kind, repo in repos.items()}
     rows: dict[str, dict[str, list[float]]] = {op: {kind: [] for kind in kinds} for op in OPS}
     clients: dict[tuple[str, str], BlockingClient] = {}
     try:
@@ -189,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
                            "warmup": args.warmup, "kinds": _kinds(args.baseline, not args.no_torch), "baseline": args.baseline}
     started = time.monotonic()
     with _worktree(args.baseline) as tree:
-        res["origins"] = {}
-        res["servers"] = measure(res["kinds"], args.reps, args.count, tree, args.warmup, res["origins"])
+        # "ours@REV" runs the baseline's worktree; every other server this checkout.
+        repos = {kind: tree if "@" in kind and tree is not None else common.REPO for kind in res["kinds"]}
+        res["origins"] = origins(repos)
+        res["servers"] = measure(repos, args.reps, args.count, args.warmup)
     res["seconds"] = round(time.monotonic() - started, 1)
     common.write_report(args.out, markdown(res), res)
     return 0

@@ -565,21 +565,17 @@ def encode_bare(op: QueryType) -> bytes:
 # -- reply encoders (server side) ---------------------------------------------------------------
 
 
-def reply_u8(value: int) -> bytes:
-    return _U8.pack(value)
-
-
-def reply_i64(value: int) -> bytes:
-    return _I64.pack(value)
+# The fixed-size replies are the structs' own pack methods, not functions around them: the server
+# builds one per small request, and a Python wrapper was a call more each time.
+reply_u8: Callable[[int], bytes] = _U8.pack
+reply_i64: Callable[[int], bytes] = _I64.pack
 
 
 def reply_bytes(value: bytes) -> bytes:
     return _U64.pack(len(value)) + value
 
 
-def reply_u64(value: int) -> bytes:
-    """A length prefix alone (the server sends a big value after it without joining them)."""
-    return _U64.pack(value)
+reply_u64: Callable[[int], bytes] = _U64.pack  # a length prefix alone (a big value follows unjoined)
 
 
 def reply_list(values: Sequence[bytes]) -> bytes:

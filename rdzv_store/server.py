@@ -65,7 +65,6 @@ import asyncio
 import errno
 import logging
 import socket
-import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -104,16 +103,12 @@ _KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
 Reply = bytes | list[bytes]
 
 
-# The hot handlers' replies, built without a call into ``protocol`` each (its reply_* functions
-# make the same bytes: one Python call fewer per small request).
-_PACK_U64 = struct.Struct("<Q").pack
-_PACK_I64 = struct.Struct("<q").pack
-_CHECK_REPLY = {True: p.reply_u8(p.READY), False: p.reply_u8(p.NOT_READY)}
+_CHECK_REPLY = {True: p.reply_u8(p.READY), False: p.reply_u8(p.NOT_READY)}  # CHECK's two replies, made once
 
 
 def _value_reply(value: bytes) -> Reply:
     n = len(value)
-    return _PACK_U64(n) + value if n < _JOIN_BELOW else [_PACK_U64(n), value]
+    return p.reply_u64(n) + value if n < _JOIN_BELOW else [p.reply_u64(n), value]
 
 
 def _tune_listener(sock: socket.socket) -> None:
@@ -235,10 +230,11 @@ class _Connection:
             self._process()
             return
         read = self._server._read_bytes
-        # The common case, one whole request in this read and nothing pending, is served here:
-        # without _process's batch (list, try/finally, budget), lend/decode/keep and _send_all,
-        # the Python per small request was about a fifth less (benchmarks/bench_breakdown.py's
-        # hot column). With metrics on, requests go through _process, which times them.
+        # The common case, one whole request in this read and nothing pending, is served here,
+        # without _process's batch (list, try/finally, budget), lend/decode/keep and _send_all:
+        # with the handler and parser trims beside it, the instructions our code adds per small
+        # request to the event loop's own fell by a third to a half (bench_instructions.py). With
+        # metrics on, requests go through _process, which times them.
         request = decoder.sole(read, nbytes, self._fast) if self._metrics is None else None
         if request is None:
             # Lent, not copied: _process hands it back (decode's NEED_DATA, or keep()) before
@@ -586,7 +582,7 @@ class _Connection:
 
     def _add(self, r: p.Request) -> bytes:
         try:
-            return _PACK_I64(self._engine.add(r[1], r[2]))
+            return p.reply_i64(self._engine.add(r[1], r[2]))
         except ValueError as exc:
             raise ValueError(f"ADD on key {format_keys([r[1]])}: stored value is {exc}") from None
 
